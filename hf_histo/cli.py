@@ -1,0 +1,198 @@
+"""The `hf-histo` command line: each subcommand parses its arguments and calls one library function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from .data.masks import DataError
+
+LAYOUT_CHOICES = ("challenge", "table", "class_folders", "manifest")
+
+
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--layout", choices=LAYOUT_CHOICES, default=None, help="force a data layout (default: detected)")
+    p.add_argument(
+        "--on_error",
+        choices=("raise", "skip"),
+        default="raise",
+        help="stop at the first bad sample (raise) or leave bad samples out and list them (skip)",
+    )
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .data.inspect import inspect_dataset
+
+    report = inspect_dataset(
+        args.data,
+        args.out,
+        layout=args.layout,
+        strategies=tuple(args.strategies),
+        patch_size=args.patch_size,
+        on_error=args.on_error,
+    )
+    print(report.table())
+    return 0
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from .data.builder import build_patch_dataset
+
+    dataset, report = build_patch_dataset(
+        args.data,
+        strategy=args.strategy,
+        patch_size=args.patch_size,
+        stride=args.stride,
+        min_foreground=args.min_foreground,
+        top_k=args.top_k,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        cache_dir=args.cache_dir,
+        layout=args.layout,
+        on_error=args.on_error,
+    )
+    print(dataset)
+    print(report.summary() if hasattr(report, "summary") else report)
+    return 0
+
+
+def _cmd_clean(args: argparse.Namespace) -> int:
+    from .data.cleaning import clean_dataset
+
+    result = clean_dataset(args.data, args.out, layout=args.layout, manual_exclusions=args.exclude)
+    print(result.summary() if hasattr(result, "summary") else result)
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .training.evaluate import evaluate_model
+
+    metrics = evaluate_model(
+        args.model, args.data, args.out, layout=args.layout, batch_size=args.batch_size, aggregation=args.aggregation
+    )
+    print(json.dumps({k: metrics[k] for k in ("image", "patch") if k in metrics}, indent=2, default=str))
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .inference.predict import predict_folder
+
+    path = predict_folder(
+        args.model,
+        args.data,
+        args.out,
+        layout=args.layout,
+        probs=args.probs,
+        batch_size=args.batch_size,
+        aggregation=args.aggregation,
+        tta=args.tta,
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from .inference.explain import explain_folder
+
+    paths = explain_folder(args.model, args.data, args.out, layout=args.layout, max_images=args.max_images)
+    print(f"wrote {len(paths)} explanation images to {args.out}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, quick=args.quick)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the `hf-histo` command."""
+    parser = argparse.ArgumentParser(
+        prog="hf-histo",
+        description="Histopathology image classification with the Hugging Face stack: "
+        "inspect, clean and patch a data folder; evaluate, predict and explain with a trained model.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="class counts, patches per image and flags; PNG overviews")
+    p.add_argument("data", help="data folder (challenge, table or class-folder layout)")
+    p.add_argument("--out", required=True, help="folder for the PNGs")
+    p.add_argument("--strategies", nargs="+", default=["grid", "components", "topk"], help="patching strategies")
+    p.add_argument("--patch_size", type=int, default=224, help="tile size in pixels for grid/topk")
+    _add_data_options(p)
+    p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("build", help="cut patches into the cached HF dataset and print its splits")
+    p.add_argument("data", help="data folder or clean_manifest.csv")
+    p.add_argument("--strategy", default="grid", choices=("grid", "components", "topk", "whole"))
+    p.add_argument("--patch_size", type=int, default=224)
+    p.add_argument("--stride", type=int, default=None)
+    p.add_argument("--min_foreground", type=int, default=200)
+    p.add_argument("--top_k", type=int, default=None)
+    p.add_argument("--val_fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache_dir", default=None, help="datasets cache folder (default: HF_DATASETS_CACHE)")
+    _add_data_options(p)
+    p.set_defaults(func=_cmd_build)
+
+    p = sub.add_parser("clean", help="find duplicates, non-tissue images and colour artifacts; nothing is deleted")
+    p.add_argument("data", help="data folder")
+    p.add_argument("--out", required=True, help="folder for the report, the clean manifest and contact sheets")
+    p.add_argument("--exclude", default=None, help="manual exclusion file: one image id per line, '#' comments")
+    p.add_argument("--layout", choices=LAYOUT_CHOICES, default=None, help="force a data layout")
+    p.set_defaults(func=_cmd_clean)
+
+    p = sub.add_parser("evaluate", help="image- and patch-level metrics of a trained model on a labelled folder")
+    p.add_argument("--model", required=True, help="trained model folder")
+    p.add_argument("--data", required=True, help="labelled data folder (any layout)")
+    p.add_argument("--out", required=True, help="metrics JSON file to write")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--aggregation", choices=("soft", "hard", "mask_weighted"), default=None)
+    p.add_argument("--layout", choices=LAYOUT_CHOICES, default=None)
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("predict", help="one label per image into a submission CSV (sample_index,label)")
+    p.add_argument("--model", required=True, help="trained model folder")
+    p.add_argument("--data", required=True, help="data folder (any layout, labelled or not)")
+    p.add_argument("--out", required=True, help="CSV file to write")
+    p.add_argument("--probs", action="store_true", help="add one probability column per class")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--aggregation", choices=("soft", "hard", "mask_weighted"), default=None)
+    p.add_argument("--tta", action="store_true", help="average flips and 90-degree rotations")
+    p.add_argument("--layout", choices=LAYOUT_CHOICES, default=None)
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("explain", help="per-image PNGs: patch probabilities and attention/Grad-CAM")
+    p.add_argument("--model", required=True, help="trained model folder")
+    p.add_argument("--data", required=True, help="data folder")
+    p.add_argument("--out", required=True, help="folder for the PNGs")
+    p.add_argument("--max_images", type=int, default=None)
+    p.add_argument("--layout", choices=LAYOUT_CHOICES, default=None)
+    p.set_defaults(func=_cmd_explain)
+
+    p = sub.add_parser("demo", help="the whole product on generated (synthetic) data, offline, in minutes")
+    p.add_argument("--out", default="hf_histo_demo", help="folder for everything the demo writes")
+    p.add_argument("--quick", action="store_true", help="smaller data and fewer steps (for tests)")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `hf-histo` command; returns the exit status (2 for data errors, with a one-line message)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except (DataError, FileNotFoundError) as e:
+        print(f"hf-histo {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

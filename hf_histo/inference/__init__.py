@@ -1,0 +1,1 @@
+"""Inference: the image-level pipeline and explanations."""

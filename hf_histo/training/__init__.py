@@ -1,0 +1,1 @@
+"""Training: arguments, parameter groups, HistoTrainer, callbacks, losses, metrics, embedding cache."""
