@@ -1,6 +1,7 @@
 """Tests for patch/image metrics, bootstrap intervals, the streaming accumulator and plots."""
 
 import time
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -268,3 +269,22 @@ def test_plot_training_curves(tmp_path):
     ]
     assert _is_png(plot_training_curves(history, tmp_path / "curves.png"))
     assert _is_png(plot_training_curves([], tmp_path / "empty.png"))
+
+
+@pytest.mark.parametrize(
+    ("metric", "reference"),
+    [
+        ("accuracy", lambda t, p: np.mean(t == p)),
+        ("balanced_accuracy", balanced_accuracy_score),
+        ("macro_f1", lambda t, p: f1_score(t, p, average="macro", zero_division=0)),
+        ("kappa", cohen_kappa_score),
+    ],
+)
+def test_bootstrap_named_metrics_equal_sklearn_per_resample(metric, reference):
+    rng = np.random.default_rng(5)
+    y_true = rng.integers(0, 4, 40)
+    y_pred = np.where(rng.random(40) < 0.5, y_true, rng.integers(0, 4, 40))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = bootstrap_ci(y_true, y_pred, reference, n_boot=100, seed=1)
+    assert bootstrap_ci(y_true, y_pred, metric, n_boot=100, seed=1) == pytest.approx(expected)

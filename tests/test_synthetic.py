@@ -126,7 +126,7 @@ def _features(image_path):
 
 def test_classes_are_learnable_from_simple_features(tmp_path):
     """Guards the demo: colour/texture statistics separate the classes well above chance (0.25)."""
-    root = make_synthetic_dataset(tmp_path, n_train=60, n_test=40, seed=0, size_range=(256, 320))
+    root = make_synthetic_dataset(tmp_path, n_train=60, n_test=40, seed=0, size_range=(192, 256))
     data = {}
     for split in ("train", "test"):
         rows = _rows(root / f"{split}_labels.csv")

@@ -86,10 +86,7 @@ def _check_reduction(reduction: str) -> None:
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
-def _as_probability_targets(
-    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(logits, soft_targets)``; class-index targets become one-hot, ``ignore_index`` rows are dropped."""
+def _check_targets(logits: torch.Tensor, targets: torch.Tensor) -> None:
     if logits.ndim != 2:
         raise ValueError(f"logits must be [batch, n_classes], got shape {tuple(logits.shape)}")
     if targets.is_floating_point():
@@ -97,11 +94,19 @@ def _as_probability_targets(
             raise ValueError(
                 f"soft targets must have the logits' shape {tuple(logits.shape)}, got {tuple(targets.shape)}"
             )
-        return logits, targets
-    if targets.ndim != 1 or targets.shape[0] != logits.shape[0]:
+    elif targets.ndim != 1 or targets.shape[0] != logits.shape[0]:
         raise ValueError(
             f"class-index targets must be [batch] = [{logits.shape[0]}] integers, got shape {tuple(targets.shape)}"
         )
+
+
+def _as_probability_targets(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(logits, soft_targets)``; class-index targets become one-hot, ``ignore_index`` rows are dropped."""
+    _check_targets(logits, targets)
+    if targets.is_floating_point():
+        return logits, targets
     keep = targets != ignore_index
     logits, targets = logits[keep], targets[keep]
     return logits, F.one_hot(targets.long(), logits.shape[-1]).float()
@@ -142,7 +147,7 @@ class SoftTargetCrossEntropy(nn.Module):
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Loss of ``logits`` ``[B, C]`` against class indices ``[B]`` or probabilities ``[B, C]``."""
         if not targets.is_floating_point():
-            _as_probability_targets(logits, targets, self.ignore_index)  # shape checks only
+            _check_targets(logits, targets)
             weight = None if self.weight is None else self.weight.to(logits.device, logits.dtype)
             return F.cross_entropy(
                 logits,

@@ -217,8 +217,11 @@ def image_level_metrics(
             f"image_ids ({ids_arr.size}), probs ({probs.shape[0]}) and patch_labels ({patch_labels.size}) must "
             "have one entry per patch"
         )
+    weights = None if foreground is None else np.asarray(foreground, dtype=np.float64).reshape(-1)
+    if weights is not None and weights.shape != patch_labels.shape:
+        raise ValueError(f"foreground must have one value per patch ({patch_labels.size}), got {weights.size}")
     keep = patch_labels >= 0
-    weights = None if foreground is None else np.asarray(foreground, dtype=np.float64)[keep]
+    weights = None if weights is None else weights[keep]
     if not keep.any():
         return classification_metrics(np.zeros(0, dtype=np.int64), np.zeros((0, len(labels))), labels)
     ids, image_probs = aggregate_by_image(list(ids_arr[keep]), probs[keep], aggregation, weights)
@@ -488,7 +491,8 @@ def plot_confusion_matrix(
     return atomic_savefig(path, figure)
 
 
-_NOT_CURVES = {"epoch", "step", "total_flos", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second"}
+# Logged eval values that are bookkeeping, not learning curves.
+_NOT_CURVES = {"eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "eval_image_n", "eval_patch_n"}
 
 
 def plot_training_curves(log_history: list[dict], path: str | Path) -> Path:
@@ -513,8 +517,7 @@ def plot_training_curves(log_history: list[dict], path: str | Path) -> Path:
             learning_rate.append((step, float(entry["learning_rate"])))
         for key, value in entry.items():
             if key.startswith("eval_") and key not in _NOT_CURVES and isinstance(value, int | float):
-                if not key.endswith("_n"):
-                    eval_curves.setdefault(key, []).append((step, float(value)))
+                eval_curves.setdefault(key, []).append((step, float(value)))
     eval_loss = eval_curves.pop("eval_loss", [])
 
     figure = _new_figure(15, 4.2)
