@@ -6,6 +6,9 @@ and scipy inside the functions that need it.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -23,6 +26,20 @@ TISSUE_DETECTION_WIDTH = 1024  # the detector runs on a copy at most this wide, 
 
 class DataError(ValueError):
     """A problem with the user's data: the message names the file and says how to fix it."""
+
+
+@contextlib.contextmanager
+def pixel_limit(max_pixels: int | None) -> Iterator[int]:
+    """Temporarily set PIL's decompression-bomb limit (None keeps it); bomb warnings become errors inside."""
+    old = Image.MAX_IMAGE_PIXELS
+    if max_pixels is not None:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield Image.MAX_IMAGE_PIXELS
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
 
 
 def normalize_mask(mask: np.ndarray | Image.Image) -> np.ndarray:
@@ -56,6 +73,7 @@ def load_mask(
     image_size: tuple[int, int] | None = None,
     resize: bool = False,
     image_path: str | Path | None = None,
+    max_pixels: int | None = None,
 ) -> np.ndarray:
     """Load a mask file as a boolean array.
 
@@ -65,17 +83,24 @@ def load_mask(
             ``resize`` is set.
         resize: Resize a mask of another size to ``image_size`` (nearest neighbour).
         image_path: The image file, named in the size-mismatch error.
+        max_pixels: Raise PIL's decompression-bomb limit (as for images).
 
     Raises:
-        DataError: The file is unreadable, or its size differs from the image's.
+        DataError: The file is unreadable, over the pixel limit, or its size differs from the image's.
     """
     path = Path(path)
-    try:
-        with Image.open(path) as im:
-            im.load()
-            mask = im.copy()
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{path}: the mask file cannot be read ({e}); re-export or remove it.") from e
+    with pixel_limit(max_pixels) as limit:
+        try:
+            with Image.open(path) as im:
+                im.load()
+                mask = im.copy()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise DataError(
+                f"{path}: the mask is larger than the decompression-bomb limit of {limit} pixels; "
+                "if you trust it, raise the limit with --max_image_pixels N (or max_pixels=N)."
+            ) from e
+        except (OSError, SyntaxError, ValueError) as e:
+            raise DataError(f"{path}: the mask file cannot be read ({e}); re-export or remove it.") from e
     if image_size is not None and mask.size != tuple(image_size):
         if not resize:
             raise DataError(
@@ -161,6 +186,7 @@ def resolve_mask(
     empty_fallback: EmptyFallback = "tissue",
     resize: bool = False,
     image_path: str | Path | None = None,
+    max_pixels: int | None = None,
 ) -> tuple[np.ndarray, str]:
     """Return the mask to patch an image with, and where it came from.
 
@@ -170,6 +196,7 @@ def resolve_mask(
         empty_fallback: What an empty mask becomes: ``"tissue"`` (detected tissue) or ``"whole"``.
         resize: Resize a mask of another size (nearest neighbour) instead of raising.
         image_path: Named in errors.
+        max_pixels: Raise PIL's decompression-bomb limit for the mask file.
 
     Returns:
         ``(mask, source)`` with source ``"mask"``, ``"tissue"`` (no mask given),
@@ -183,7 +210,7 @@ def resolve_mask(
         arr, source = tissue_mask(image), "tissue"
     else:
         if isinstance(mask, (str, Path)):
-            arr = load_mask(mask, (width, height), resize=resize, image_path=image_path)
+            arr = load_mask(mask, (width, height), resize=resize, image_path=image_path, max_pixels=max_pixels)
         else:
             arr = normalize_mask(mask)
             if arr.shape != (height, width):

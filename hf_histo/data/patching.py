@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from itertools import repeat
 from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
 
 # Bump when the selection or cropping of patches changes: it is part of the dataset cache key.
-PATCHING_VERSION = "1"
+PATCHING_VERSION = "2"
 STRATEGIES = ("grid", "components", "topk", "whole")
 
 
@@ -51,66 +52,138 @@ def _as_bool(mask: np.ndarray) -> np.ndarray:
 
 
 def grid_positions(length: int, size: int, stride: int) -> np.ndarray:
-    """Tile starts along one axis: every ``stride``, the last tile reaching (or passing) the edge."""
+    """Tile starts along one axis: every ``stride``, the last tile reaching (or passing) the edge.
+
+    Starts are always inside the image (with ``stride > size`` a start past the edge is dropped).
+    """
     if size <= 0 or stride <= 0:
         raise ValueError(f"size and stride must be positive, got size={size}, stride={stride}")
     n = 1 if length <= size else math.ceil((length - size) / stride) + 1
-    return np.arange(n, dtype=np.int64) * stride
+    starts = np.arange(n, dtype=np.int64) * stride
+    return starts[starts < max(length, 1)]
 
 
-def _block_sums(arr: np.ndarray, block: int, axis: int) -> np.ndarray:
-    """Sums of consecutive ``block``-wide slabs along ``axis`` (the last slab may be shorter).
+def _u8_chunk(block: int) -> int:
+    """The largest divisor of ``block`` that is at most 255 (0/1 bytes summed that far cannot overflow)."""
+    return max(d for d in range(1, min(block, 255) + 1) if block % d == 0)
 
-    0/1 bytes are first summed in uint8 over slabs of at most 255 (exact, and several times faster
-    than a wider accumulator), then those partial sums are added in int64.
+
+def _sum_rows_u8(rows: np.ndarray) -> np.ndarray:
+    """Exact column totals of a 0/1 uint8 array, summing at most 255 rows at a time in uint8."""
+    out = np.zeros(rows.shape[1:], dtype=np.int32)
+    for start in range(0, rows.shape[0], 255):
+        out += rows[start : start + 255].sum(axis=0, dtype=np.uint8)
+    return out
+
+
+def _row_block_sums(u8: np.ndarray, block: int) -> np.ndarray:
+    """Sums of consecutive ``block``-row slabs of a 0/1 uint8 (H, W) array (the last slab may be shorter).
+
+    This is the only pass over every mask pixel. Whole rows are added as contiguous vectors in uint8
+    (exact for up to 255 rows, and memory-bound), so it runs at about the speed of reading the mask.
     """
-    moved = np.moveaxis(arr, axis, 0)
-    n_full = moved.shape[0] // block
-    if moved.dtype == np.uint8 and block > 1:
-        sub = max(d for d in range(1, min(block, 255) + 1) if block % d == 0)
-        head = (
-            moved[: n_full * block].reshape(n_full * block // sub, sub, *moved.shape[1:]).sum(axis=1, dtype=np.uint8)
-        )
-        head = head.reshape(n_full, block // sub, *moved.shape[1:]).sum(axis=1, dtype=np.int64)
-    else:
-        head = moved[: n_full * block].reshape(n_full, block, *moved.shape[1:]).sum(axis=1, dtype=np.int64)
-    if n_full * block < moved.shape[0]:
-        head = np.concatenate([head, moved[n_full * block :].sum(axis=0, dtype=np.int64)[None]], axis=0)
-    return np.moveaxis(head, 0, axis)
+    height, width = u8.shape
+    n_full = height // block
+    parts = []
+    if n_full:
+        sub = _u8_chunk(block)
+        head = u8[: n_full * block].reshape(n_full * block // sub, sub, width).sum(axis=1, dtype=np.uint8)
+        if block > sub:
+            head = head.reshape(n_full, block // sub, width).sum(axis=1, dtype=np.int32)
+        parts.append(head)
+    if n_full * block < height:
+        parts.append(_sum_rows_u8(u8[n_full * block :])[None])
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0, dtype=np.int32)
 
 
-def _window_sums(blocks: np.ndarray, starts: np.ndarray, size: int, block: int, axis: int) -> np.ndarray:
-    """Sums over windows [start, start + size) from block sums (windows are whole blocks, clipped at the end)."""
-    moved = np.moveaxis(blocks, axis, 0)
-    padded = np.concatenate([moved, np.zeros((1, *moved.shape[1:]), dtype=moved.dtype)], axis=0)
-    first = starts // block
-    out = np.zeros((len(starts), *moved.shape[1:]), dtype=np.int64)
-    for k in range(size // block):  # a window spans size // block blocks (1 when stride == size)
-        out += padded[np.minimum(first + k, moved.shape[0])]
-    return np.moveaxis(out, 0, axis)
+def _col_block_sums(rows: np.ndarray, block: int) -> np.ndarray:
+    """Sums of consecutive ``block``-column slabs of a small (n, W) array, as int32."""
+    if block == 1:
+        return rows.astype(np.int32)
+    n_blocks = -(-rows.shape[1] // block)
+    if block <= 16:  # few strided adds beat a reduction over a short inner axis
+        out = np.zeros((rows.shape[0], n_blocks), dtype=np.int32)
+        for k in range(block):
+            part = rows[:, k::block]
+            out[:, : part.shape[1]] += part
+        return out
+    return np.add.reduceat(rows, np.arange(0, rows.shape[1], block), axis=1, dtype=np.int32)
+
+
+def _window_sums(blocks: np.ndarray, n: int, step: int, span: int, axis: int) -> np.ndarray:
+    """Sums of ``span`` consecutive blocks for ``n`` windows starting every ``step`` blocks along ``axis``.
+
+    Windows past the last block are clipped (zero padding), which is how edge tiles are counted.
+    """
+    n_blocks = blocks.shape[axis]
+    if span == 1 and step == 1 and n == n_blocks:
+        return blocks.astype(np.int32, copy=False)
+    need = (n - 1) * step + span
+    if need > n_blocks:
+        pad = [(0, 0)] * blocks.ndim
+        pad[axis] = (0, need - n_blocks)
+        blocks = np.pad(blocks, pad)
+    index: list[slice] = [slice(None)] * blocks.ndim
+    if span <= 16:
+        out = None
+        for k in range(span):
+            index[axis] = slice(k, k + (n - 1) * step + 1, step)
+            part = blocks[tuple(index)]
+            out = part.astype(np.int32) if out is None else out + part
+        return out
+    # Long windows (size much larger than gcd(size, stride)): difference of prefix sums, taken along
+    # the contiguous axis (numpy's cumsum across rows is many times slower).
+    moved = np.ascontiguousarray(np.moveaxis(blocks, axis, -1))
+    cumulative = np.zeros((*moved.shape[:-1], moved.shape[-1] + 1), dtype=np.int64)
+    np.cumsum(moved, axis=-1, out=cumulative[..., 1:])
+    cumulative = np.moveaxis(cumulative, -1, axis)
+    index[axis] = slice(span, span + (n - 1) * step + 1, step)
+    upper = cumulative[tuple(index)]
+    index[axis] = slice(0, (n - 1) * step + 1, step)
+    return (upper - cumulative[tuple(index)]).astype(np.int32)
 
 
 def grid_counts(mask: np.ndarray, size: int, stride: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Mask pixels in every grid tile, exactly, in one pass over the mask.
 
-    The mask is summed in blocks of ``gcd(size, stride)`` rows, then columns (contiguous adds that
-    numpy vectorises), and each tile adds up the ``size / gcd`` blocks it spans.
+    The mask is summed in slabs of ``gcd(size, stride)`` rows (the one full pass), those slabs in
+    blocks of as many columns, and each tile then adds up the ``size / gcd`` blocks it spans on the
+    small block array. Tiles reaching past the right/bottom edge count the pixels inside the image.
 
     Returns:
-        ``(ys, xs, counts)``: tile row starts, column starts and a (len(ys), len(xs)) count array.
+        ``(ys, xs, counts)``: tile row starts, column starts and a (len(ys), len(xs)) int32 count array.
     """
-    mask = _as_bool(mask)
-    ys, xs = grid_positions(mask.shape[0], size, stride), grid_positions(mask.shape[1], size, stride)
+    mask = np.ascontiguousarray(_as_bool(mask))
+    height, width = mask.shape
+    ys, xs = grid_positions(height, size, stride), grid_positions(width, size, stride)
+    if mask.size == 0:
+        return ys, xs, np.zeros((len(ys), len(xs)), dtype=np.int32)
     block = math.gcd(size, stride)
-    rows = _window_sums(_block_sums(mask.view(np.uint8), block, 0), ys, size, block, 0)  # (ny, W)
-    counts = _window_sums(_block_sums(rows, block, 1), xs, size, block, 1)  # (ny, nx)
+    if block < 8:  # e.g. co-prime size and stride: slabs would be single rows, sum each tile row directly
+        return ys, xs, _direct_counts(mask.view(np.uint8), ys, xs, size)
+    blocks = _col_block_sums(_row_block_sums(mask.view(np.uint8), block), block)
+    span, step = size // block, stride // block
+    counts = _window_sums(_window_sums(blocks, len(ys), step, span, 0), len(xs), step, span, 1)
     return ys, xs, counts
 
 
-def _grid_counts(mask: np.ndarray, size: int, stride: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    ys, xs, counts = grid_counts(mask, size, stride)
-    yy, xx = np.meshgrid(ys, xs, indexing="ij")
-    return yy.ravel(), xx.ravel(), counts.ravel()
+def _direct_counts(u8: np.ndarray, ys: np.ndarray, xs: np.ndarray, size: int) -> np.ndarray:
+    """Tile counts summing each tile row's ``size`` mask rows, then column windows by prefix sums."""
+    width = u8.shape[1]
+    rows = np.empty((len(ys), width), dtype=np.int32)
+    for i, y in enumerate(ys.tolist()):
+        rows[i] = _sum_rows_u8(u8[y : y + size])
+    cumulative = np.zeros((len(ys), width + 1), dtype=np.int64)
+    np.cumsum(rows, axis=1, out=cumulative[:, 1:])
+    return (cumulative[:, np.minimum(xs + size, width)] - cumulative[:, xs]).astype(np.int32)
+
+
+_tuple_new = tuple.__new__
+
+
+def _make_boxes(xs: list[int], ys: list[int], ws: Any, hs: Any, counts: list[int]) -> list[PatchBox]:
+    """PatchBoxes from columns of plain ints, built at C speed (no per-box Python call)."""
+    return list(map(_tuple_new, repeat(PatchBox), zip(xs, ys, ws, hs, counts)))
 
 
 def grid_boxes(
@@ -129,28 +202,36 @@ def grid_boxes(
         mask: Boolean (height, width) region of interest.
         size: Tile side in pixels.
         stride: Step between tiles (default ``size``: no overlap).
-        min_foreground: Minimum mask pixels in a tile.
+        min_foreground: Minimum mask pixels in a tile (at least 1: empty tiles are never kept).
         min_fraction: Optional minimum fraction of the tile area covered by the mask.
 
     Returns:
         Qualifying tiles in row-major order.
     """
-    mask = _as_bool(mask)
     stride = stride or size
-    ys, xs, counts = _grid_counts(mask, size, stride)
-    keep = counts >= max(min_foreground, 1)
+    ys, xs, counts = grid_counts(mask, size, stride)
+    threshold = max(min_foreground, 1)
     if min_fraction is not None:
-        keep &= counts >= min_fraction * size * size
-    return [PatchBox(int(x), int(y), size, size, int(c)) for y, x, c in zip(ys[keep], xs[keep], counts[keep])]
+        threshold = max(threshold, math.ceil(min_fraction * size * size))
+    iy, ix = np.nonzero(counts >= threshold)
+    return _make_boxes(xs[ix].tolist(), ys[iy].tolist(), repeat(size), repeat(size), counts[iy, ix].tolist())
 
 
 def topk_boxes(mask: np.ndarray, size: int = 128, stride: int = 64, k: int = 12) -> list[PatchBox]:
-    """The ``k`` grid tiles with the most mask pixels (ties: row-major order), best first."""
-    mask = _as_bool(mask)
-    ys, xs, counts = _grid_counts(mask, size, stride)
-    order = np.argsort(-counts, kind="stable")[:k]
-    order = order[counts[order] > 0]
-    return [PatchBox(int(xs[i]), int(ys[i]), size, size, int(counts[i])) for i in order]
+    """The ``k`` grid tiles with the most mask pixels (ties: row-major order), best first; empty tiles never."""
+    ys, xs, counts = grid_counts(mask, size, stride)
+    flat = counts.ravel()
+    if k <= 0 or flat.size == 0:
+        return []
+    if k < flat.size:
+        # Only tiles at least as full as the k-th best can be chosen: sort those few, not all tiles.
+        kth = np.partition(flat, flat.size - k)[flat.size - k]
+        candidates = np.flatnonzero(flat >= max(kth, 1))
+    else:
+        candidates = np.flatnonzero(flat > 0)
+    order = candidates[np.argsort(-flat[candidates], kind="stable")][:k]
+    iy, ix = np.divmod(order, counts.shape[1])
+    return _make_boxes(xs[ix].tolist(), ys[iy].tolist(), repeat(size), repeat(size), flat[order].tolist())
 
 
 def component_boxes(mask: np.ndarray, min_area: int = 200, pad: int = 0) -> list[PatchBox]:
@@ -204,6 +285,12 @@ def reference_grid_boxes(
     return boxes
 
 
+def reference_topk_boxes(mask: np.ndarray, size: int = 128, stride: int = 64, k: int = 12) -> list[PatchBox]:
+    """Plain per-tile loop equivalent of ``topk_boxes`` (for tests and benchmarks only: slow)."""
+    tiles = reference_grid_boxes(mask, size, stride, min_foreground=1)
+    return sorted(tiles, key=lambda box: -box.foreground)[: max(k, 0)]
+
+
 @dataclass
 class PatchingConfig:
     """How patches are cut from an image; stored in the model config so inference cuts the same.
@@ -240,15 +327,38 @@ class PatchingConfig:
         if self.empty_fallback not in ("tissue", "whole"):
             raise ValueError(f"empty_fallback must be 'tissue' or 'whole', got {self.empty_fallback!r}")
 
-    def boxes(self, mask: np.ndarray) -> list[PatchBox]:
-        """Select the patch boxes of one mask with this configuration."""
+    def select(self, mask: np.ndarray) -> list[PatchBox]:
+        """The boxes of the strategy itself; may be empty (see ``boxes`` for the fallback)."""
         if self.strategy == "grid":
             return grid_boxes(mask, self.patch_size, self.stride, self.min_foreground, self.min_fraction)
         if self.strategy == "topk":
-            return topk_boxes(mask, self.patch_size, self.stride or max(self.patch_size // 2, 1), self.top_k)
+            return topk_boxes(mask, self.patch_size, self.topk_stride, self.top_k)
         if self.strategy == "components":
             return component_boxes(mask, self.min_area, self.pad)
         return whole_box(mask)
+
+    @property
+    def topk_stride(self) -> int:
+        """Tile step of the topk strategy (and of the fallback tile): ``stride`` or half the patch size."""
+        return self.stride or max(self.patch_size // 2, 1)
+
+    def boxes_with_fallback(self, mask: np.ndarray) -> tuple[list[PatchBox], bool]:
+        """Select boxes; when the strategy finds none, fall back to the single best ``patch_size`` tile.
+
+        Every image with any mask pixel thus yields at least one patch (a grid that no tile passes, or
+        components all under ``min_area``, would otherwise drop the image from training and inference).
+
+        Returns:
+            ``(boxes, fell_back)``.
+        """
+        boxes = self.select(mask)
+        if boxes:
+            return boxes, False
+        return topk_boxes(mask, self.patch_size, self.topk_stride, 1), True
+
+    def boxes(self, mask: np.ndarray) -> list[PatchBox]:
+        """Select the patch boxes of one mask with this configuration (with the fallback tile, see above)."""
+        return self.boxes_with_fallback(mask)[0]
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (stored in model configs and dataset cache keys)."""

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -13,7 +10,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .masks import DataError
+from .masks import DataError, pixel_limit
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 LAYOUTS = ("challenge", "table", "class_folders", "manifest")
@@ -221,7 +218,10 @@ def _read_challenge(root: Path, col: _Collector) -> list[Sample]:
                     label_csv, f"row {i} names {name!r} but {path} does not exist; add the file or drop the row."
                 )
                 continue
-            labels[path.name] = row["label"] or None
+            if not row["label"]:
+                col.problem(label_csv, f"row {i} ({name!r}) has an empty label; fill it or delete the row.")
+                continue
+            labels[path.name] = row["label"]
         for image in _images_in(train_dir):
             if image.name.startswith("mask_"):
                 continue
@@ -240,12 +240,16 @@ def _read_challenge(root: Path, col: _Collector) -> list[Sample]:
             )
     test_dir = root / "test_data"
     if test_dir.is_dir():
-        for image in _images_in(test_dir):
-            if image.name.startswith("mask_"):
-                continue
+        test_images = [p for p in _images_in(test_dir) if not p.name.startswith("mask_")]
+        # Test files may be numbered from 0 again; ids must stay unique, so they then get a "test_" prefix
+        # (the file name, which a submission uses, is unchanged).
+        train_ids = {s.image_id for s in samples}
+        prefix = "test_" if any(p.stem in train_ids for p in test_images) else ""
+        for image in test_images:
             mask = test_dir / image.name.replace("img_", "mask_", 1)
+            image_id = prefix + image.stem
             samples.append(
-                Sample(image, mask if mask.is_file() and mask != image else None, None, image.stem, image.stem, "test")
+                Sample(image, mask if mask.is_file() and mask != image else None, None, image_id, image_id, "test")
             )
     return samples
 
@@ -385,17 +389,6 @@ def read_samples(
     return SampleSet(samples=samples, layout=layout, root=root, skipped=col.skipped)
 
 
-@contextlib.contextmanager
-def _pixel_limit(max_pixels: int | None) -> Iterator[int]:
-    old = Image.MAX_IMAGE_PIXELS
-    if max_pixels is not None:
-        Image.MAX_IMAGE_PIXELS = max_pixels
-    try:
-        yield Image.MAX_IMAGE_PIXELS
-    finally:
-        Image.MAX_IMAGE_PIXELS = old
-
-
 def open_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
     """Open and fully decode an image file as PIL gives it, with clear errors.
 
@@ -408,8 +401,7 @@ def open_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found.")
-    with _pixel_limit(max_pixels) as limit, warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+    with pixel_limit(max_pixels) as limit:
         try:
             with Image.open(path) as im:
                 im.load()
