@@ -1,0 +1,369 @@
+"""Decide which images to flag, and why, from their measurements (no file is read)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from ..sources import Sample
+from .config import REASONS, CleaningConfig, Flag
+from .features import GRADIENT_FEATURE, ImageFeatures, in_ranges
+
+_CROP_SCALES = (1.0, 0.97, 0.94, 0.91, 0.88)
+_POP8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint64)
+
+
+def robust_z(values: np.ndarray, floor: float = 1e-6) -> np.ndarray:
+    """Robust z-scores along axis 0: ``(x - median) / (1.4826 * MAD)``, the scale floored at ``floor``."""
+    values = np.asarray(values, dtype=np.float64)
+    med = np.median(values, axis=0)
+    mad = 1.4826 * np.median(np.abs(values - med), axis=0)
+    return (values - med) / np.maximum(mad, floor)
+
+
+def outlier_scores(vectors: np.ndarray, reference: np.ndarray | None = None, ridge: float = 0.1) -> np.ndarray:
+    """Robust z-score (median/MAD) of each vector's distance to the centroid of the reference rows.
+
+    Features are centred on their median and scaled by their MAD (floored, so that a feature constant on
+    clean data cannot explode); the distance is Mahalanobis under a robust covariance (minimum covariance
+    determinant on 60% of the rows, plus ``ridge`` on the diagonal), or the RMS of the scaled features when
+    there are fewer than 3 rows per feature. Wide embeddings are first projected on their principal axes.
+
+    Args:
+        vectors: ``(n, d)`` rows to score.
+        reference: ``(m, d)`` rows that define the centroid and spread (``vectors`` when None).
+        ridge: Added to the robust covariance's diagonal (in MAD units).
+    """
+    vectors = np.asarray(vectors, dtype=np.float64)
+    reference = vectors if reference is None else np.asarray(reference, dtype=np.float64)
+    if reference.shape[1] > 32:
+        centre = reference.mean(axis=0)
+        _, _, vt = np.linalg.svd(reference - centre, full_matrices=False)
+        axes = vt[: min(16, max(1, reference.shape[0] // 4))].T
+        reference, vectors = (reference - centre) @ axes, (vectors - centre) @ axes
+    med = np.median(reference, axis=0)
+    mad = 1.4826 * np.median(np.abs(reference - med), axis=0)
+    spread = (np.percentile(reference, 90, axis=0) - np.percentile(reference, 10, axis=0)) / 2.5631
+    scale = np.maximum(np.maximum(mad, 0.5 * spread), max(0.02, 1e-3 * float(np.abs(med).max())))
+    ref, vec = (reference - med) / scale, (vectors - med) / scale
+    if ref.shape[0] >= 3 * ref.shape[1]:
+        location, covariance = _robust_covariance(ref)
+        precision = np.linalg.inv(covariance + ridge * np.eye(ref.shape[1]))
+
+        def distance(x: np.ndarray) -> np.ndarray:
+            d = x - location
+            return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", d, precision, d), 0))
+
+    else:
+
+        def distance(x: np.ndarray) -> np.ndarray:
+            return np.sqrt(np.mean(x**2, axis=1))
+
+    ref_dist = distance(ref)
+    d_med = np.median(ref_dist)
+    d_mad = 1.4826 * np.median(np.abs(ref_dist - d_med))
+    return (distance(vec) - d_med) / max(d_mad, 1e-6)
+
+
+def _robust_covariance(x: np.ndarray, support: float = 0.6, max_steps: int = 50) -> tuple[np.ndarray, np.ndarray]:
+    """Location and covariance of the ``support`` fraction of rows that fit together best (MCD concentration steps).
+
+    Starts from the rows nearest the coordinate-wise median (``x`` is already median-centred and MAD-scaled) and
+    repeats: fit mean and covariance to the subset, keep the rows with the smallest Mahalanobis distances.
+    """
+    h = max(x.shape[1] + 1, int(math.ceil(support * x.shape[0])))
+    subset = np.sort(np.argsort(np.einsum("ij,ij->i", x, x), kind="stable")[:h])
+    for _ in range(max_steps):
+        location = x[subset].mean(axis=0)
+        covariance = np.cov(x[subset], rowvar=False) + 1e-6 * np.eye(x.shape[1])
+        d = x - location
+        d2 = np.einsum("ij,jk,ik->i", d, np.linalg.inv(covariance), d)
+        new = np.sort(np.argsort(d2, kind="stable")[:h])
+        if np.array_equal(new, subset):
+            break
+        subset = new
+    return location, covariance
+
+
+def _grey(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float32) @ np.float32([0.299, 0.587, 0.114]) if x.ndim == 3 else x.astype(np.float32)
+
+
+def aligned_similarity(a: np.ndarray, b: np.ndarray, good_enough: float = 1.0) -> float:
+    """Best normalised correlation of two thumbnails when either may be a crop (up to 12% per axis) of the other.
+
+    Coarse to fine: all crop scales are tried on half-size thumbnails, the three best again at full size
+    (unless even the best is far below ``good_enough``: then the pair is no copy and that score is returned).
+    """
+    a, b = _grey(a), _grey(b)
+    plain = _correlation(a, b)
+    if plain >= good_enough:
+        return plain
+    half = [x.reshape(x.shape[0] // 2, 2, x.shape[1] // 2, 2).mean(axis=(1, 3)) for x in (a, b)]
+    trials = [(big, sy, sx) for big in (0, 1) for sy in _CROP_SCALES for sx in _CROP_SCALES if sx * sy < 1.0]
+    coarse = sorted(((_crop_match(half[t[0]], half[1 - t[0]], t[1], t[2]), t) for t in trials), reverse=True)
+    if coarse[0][0] < good_enough - 0.3:
+        return max(plain, coarse[0][0])
+    full = (a, b)
+    return max([plain] + [_crop_match(full[t[0]], full[1 - t[0]], t[1], t[2]) for _, t in coarse[:3]])
+
+
+def _crop_match(big: np.ndarray, small: np.ndarray, sy: float, sx: float) -> float:
+    """Best correlation of ``small`` with the windows of ``big`` enlarged by ``1/sy, 1/sx`` (``small`` a crop of it)."""
+    from scipy import ndimage
+    from skimage.feature import match_template
+
+    return float(match_template(ndimage.zoom(big, (1 / sy, 1 / sx), order=1), small).max())
+
+
+def _correlation(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = _grey(a).ravel(), _grey(b).ravel()
+    a, b = a - a.mean(), b - b.mean()
+    return float(a @ b / max(float(np.linalg.norm(a) * np.linalg.norm(b)), 1e-9))
+
+
+def _popcount(x: np.ndarray) -> np.ndarray:
+    count = np.zeros(x.shape, dtype=np.uint64)
+    for shift in range(0, 64, 8):
+        count += _POP8[((x >> np.uint64(shift)) & np.uint64(0xFF)).astype(np.intp)]
+    return count.astype(np.int64)
+
+
+def near_duplicate_pairs(features: Sequence[ImageFeatures], config: CleaningConfig) -> list[tuple[int, int, float]]:
+    """Index pairs ``(i, j, similarity)`` of near duplicates: close hashes, checked pixel-wise when not very close."""
+    p = np.array([f.phash for f in features], dtype=np.uint64)
+    d = np.array([f.dhash for f in features], dtype=np.uint64)
+    pairs = []
+    for i in range(len(features) - 1):
+        dist = _popcount(p[i + 1 :] ^ p[i]) + _popcount(d[i + 1 :] ^ d[i])
+        for k in np.nonzero(dist <= config.near_duplicate_candidate)[0]:
+            j = i + 1 + int(k)
+            a, b = features[i].thumbnail, features[j].thumbnail
+            if dist[k] <= config.near_duplicate_distance:
+                pairs.append((i, j, _correlation(a, b)))
+            else:
+                sim = aligned_similarity(a, b, good_enough=config.near_duplicate_similarity)
+                if sim >= config.near_duplicate_similarity:
+                    pairs.append((i, j, sim))
+    return pairs
+
+
+class _UnionFind:
+    def __init__(self, n: int):
+        self.parent = list(range(n))
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, i: int, j: int) -> None:
+        a, b = self.find(i), self.find(j)
+        if a != b:
+            self.parent[max(a, b)] = min(a, b)
+
+    def groups(self) -> list[list[int]]:
+        out: dict[int, list[int]] = {}
+        for i in range(len(self.parent)):
+            out.setdefault(self.find(i), []).append(i)
+        return [g for g in out.values() if len(g) > 1]
+
+
+@dataclass
+class _Scores:
+    colour: np.ndarray  # non-H&E colour fraction outside artifact regions
+    outlier: np.ndarray  # robust z of the distance to the centroid
+    non_tissue: np.ndarray  # bool
+    artifact: np.ndarray  # bool
+    tissue: np.ndarray  # tissue-likeness: ranks the members of a shared-mask group
+
+
+def _score_images(features: Sequence[ImageFeatures], vectors: np.ndarray, cfg: CleaningConfig) -> _Scores:
+    colour = np.array([1.0 - f.stain_fraction for f in features])
+    art = np.array([f.artifact_fraction for f in features])
+    # The reference set holds one image per exact-duplicate group, so that copies do not pull the centroid.
+    first: dict[str, int] = {}
+    for i, f in enumerate(features):
+        first.setdefault(f.pixel_hash, i)
+    ref = sorted(first.values())
+    if len(ref) >= cfg.min_images_for_outliers:
+        outlier = outlier_scores(vectors, vectors[ref])
+    else:
+        outlier = np.zeros(len(features))
+    has_artifact = art >= cfg.artifact_min_area
+    non_tissue = (
+        (colour >= cfg.non_tissue_colour)
+        | (outlier >= cfg.outlier_z)
+        | ((outlier >= cfg.outlier_colour_z) & (colour >= cfg.outlier_colour))
+        | (art > cfg.artifact_max_area)
+        # Foreign-coloured regions on an image that is an outlier even without them: a drawing, not a blob.
+        | (has_artifact & (outlier >= cfg.artifact_outlier_z))
+    )
+    # Texture strength and H&E colour: a cartoon is flat, a blend over tissue keeps only part of its texture.
+    texture = np.array([float(f.vector[GRADIENT_FEATURE]) for f in features])
+    return _Scores(colour, outlier, non_tissue, has_artifact & ~non_tissue, texture - 5.0 * colour)
+
+
+def _non_tissue_score(scores: _Scores, i: int, cfg: CleaningConfig) -> float:
+    return float(max(scores.colour[i] / cfg.non_tissue_colour, scores.outlier[i] / cfg.outlier_z))
+
+
+def _changed(a: np.ndarray, b: np.ndarray, cfg: CleaningConfig) -> np.ndarray:
+    """Where two 64x64 RGB thumbnails differ visibly (largest channel difference)."""
+    return np.abs(a.astype(np.int16) - b.astype(np.int16)).max(axis=-1) > cfg.twin_pixel_change
+
+
+def _stain_likeness(thumb: np.ndarray, where: np.ndarray, cfg: CleaningConfig) -> float:
+    """Fraction of the thumbnail pixels in ``where`` that are H&E-coloured or colourless."""
+    hsv = np.asarray(Image.fromarray(thumb).convert("HSV"), dtype=np.float32)[where] / 255.0
+    if hsv.size == 0:
+        return 1.0
+    return float(((hsv[:, 1] < cfg.chromatic_saturation) | in_ranges(hsv[:, 0] * 360.0, cfg.stain_hues)).mean())
+
+
+def find_flags(
+    samples: Sequence[Sample],
+    features: Sequence[ImageFeatures],
+    config: CleaningConfig | None = None,
+    manual: Iterable[str] = (),
+    vectors: np.ndarray | None = None,
+) -> list[Flag]:
+    """Decide which images to flag from their measurements.
+
+    Args:
+        samples: The samples in data order (sorted image_id); parallel to ``features``.
+        features: One ``ImageFeatures`` per sample.
+        config: Thresholds (defaults when None).
+        manual: Image ids to flag as ``manual``.
+        vectors: Embeddings for the outlier score instead of the colour/texture statistics.
+
+    Returns:
+        One flag per flagged image (its strongest reason in ``REASONS`` order), sorted by image_id.
+    """
+    cfg = config or CleaningConfig()
+    n = len(samples)
+    if n == 0:
+        return []
+    vec = np.stack([f.vector for f in features]) if vectors is None else np.asarray(vectors, dtype=np.float64)
+    scores = _score_images(features, vec, cfg)
+    found: dict[int, list[Flag]] = {}
+
+    def add(i: int, reason: str, score: float, related: int | None = None) -> None:
+        rel = samples[related].image_id if related is not None else ""
+        found.setdefault(i, []).append(Flag(samples[i].image_id, reason, round(float(score), 4), rel))
+
+    def duplicate_reason(j: int, keep: int, plain: str) -> str:
+        return "label_conflict" if samples[j].label != samples[keep].label else plain
+
+    # Content, each image on its own.
+    for i in range(n):
+        if scores.non_tissue[i]:
+            add(i, "non_tissue", _non_tissue_score(scores, i, cfg))
+        elif scores.artifact[i]:
+            add(i, "artifact", features[i].artifact_fraction)
+
+    # Exact duplicates (decoded pixels): the first in data order is kept.
+    keeper = list(range(n))  # the image each image is a pixel copy of (itself when none)
+    by_pixels: dict[str, list[int]] = {}
+    for i, f in enumerate(features):
+        by_pixels.setdefault(f.pixel_hash, []).append(i)
+    for members in by_pixels.values():
+        for j in members[1:]:
+            keeper[j] = members[0]
+            add(j, duplicate_reason(j, members[0], "duplicate"), 1.0, members[0])
+
+    # Near duplicates among distinct images, grouped transitively; the first clean member is kept.
+    uf = _UnionFind(n)
+    similarity: dict[tuple[int, int], float] = {}
+    reps = sorted(set(keeper))
+    for a, b, sim in near_duplicate_pairs([features[i] for i in reps], cfg):
+        uf.union(reps[a], reps[b])
+        similarity[(reps[a], reps[b])] = sim
+    copies: set[int] = set()
+    for group in uf.groups():
+        keep = _choose_keeper(group, scores, cfg)
+        for j in group:
+            if j != keep:
+                copies.add(j)
+                sim = similarity.get((min(j, keep), max(j, keep)), cfg.near_duplicate_similarity)
+                add(j, duplicate_reason(j, keep, "near_duplicate"), sim, keep)
+
+    # Identical masks on different images: keep the real tissue, flag the others.
+    by_mask: dict[str, list[int]] = {}
+    for i, f in enumerate(features):
+        if f.mask_hash is not None:
+            by_mask.setdefault(f.mask_hash, []).append(i)
+    for members in by_mask.values():
+        distinct = sorted({keeper[i] for i in members})
+        if len(distinct) > 1:
+            for j, reason, score, keep in _shared_mask_group(distinct, features, scores, uf, copies, cfg):
+                add(j, reason, score, keep)
+
+    index = {s.image_id: k for k, s in enumerate(samples)}
+    for image_id in sorted(set(manual) & set(index)):
+        add(index[image_id], "manual", 1.0)
+
+    flags = []
+    for candidates in found.values():
+        best = min(candidates, key=lambda f: REASONS.index(f.reason))
+        if not best.related_to:  # a content flag names the image it copies, when there is one
+            related = next((f.related_to for f in candidates if f.related_to), "")
+            best = Flag(best.image_id, best.reason, best.score, related)
+        flags.append(best)
+    return sorted(flags, key=lambda f: f.image_id)
+
+
+def _shared_mask_group(
+    members: list[int],
+    features: Sequence[ImageFeatures],
+    scores: _Scores,
+    uf: _UnionFind,
+    copies: set[int],
+    cfg: CleaningConfig,
+) -> list[tuple[int, str, float, int]]:
+    """Flags ``(index, reason, score, kept index)`` for the members of one identical-mask group.
+
+    The most tissue-like member is kept. Each other member is compared with it: a twin that differs everywhere
+    (a cartoon, alone or blended over the tissue) is ``shared_mask``; one that differs only in a compact region
+    is the real image with a pasted ``artifact`` (of the two, the one whose changed region is less H&E-coloured
+    is the pasted one); copies of the kept image are left to the near-duplicate rule.
+    """
+    keep = _choose_keeper([i for i in members if i not in copies] or members, scores, cfg, by_tissue=True)
+    for _ in range(len(members)):  # a locally edited twin may have been kept: swap (bounded)
+        for j in members:
+            if j == keep or j in copies or uf.find(j) == uf.find(keep) or scores.non_tissue[j] or scores.artifact[j]:
+                continue
+            a, b = features[keep].thumbnail, features[j].thumbnail
+            changed = _changed(a, b, cfg)
+            if changed.mean() < cfg.twin_global_change and (
+                _stain_likeness(a, changed, cfg) + 0.2 < _stain_likeness(b, changed, cfg)
+            ):
+                keep = j
+                break
+        else:
+            break
+    out = []
+    for j in members:
+        if j == keep or uf.find(j) == uf.find(keep):
+            continue  # the kept image itself, re-encoded: a near duplicate
+        changed = float(_changed(features[keep].thumbnail, features[j].thumbnail, cfg).mean())
+        if changed >= cfg.twin_global_change or scores.non_tissue[j]:
+            out.append((j, "shared_mask", max(changed, min(_non_tissue_score(scores, j, cfg), 1.0)), keep))
+        else:
+            out.append((j, "artifact", features[j].artifact_fraction if scores.artifact[j] else changed, keep))
+    return out
+
+
+def _choose_keeper(members: Sequence[int], scores: _Scores, cfg: CleaningConfig, by_tissue: bool = False) -> int:
+    """The member to keep: not non-tissue, most tissue-like (when asked), without artifact, first in data order."""
+    keep = [i for i in members if not scores.non_tissue[i]] or list(members)
+    if by_tissue:
+        best = max(scores.tissue[i] for i in keep)
+        keep = [i for i in keep if scores.tissue[i] >= best - cfg.keep_tolerance]
+    keep = [i for i in keep if not scores.artifact[i]] or keep
+    return min(keep)
