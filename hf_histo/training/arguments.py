@@ -1,0 +1,376 @@
+"""Dataclasses for `HfArgumentParser`: data, model and training arguments, with `--config file.yaml|json`."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import HfArgumentParser, TrainingArguments
+
+STRATEGIES = ("grid", "components", "topk", "whole")
+AUGMENTATIONS = ("none", "flips", "histo")
+AGGREGATIONS = ("soft", "hard", "mask_weighted")
+HEADS = ("linear", "mlp", "deep")
+FREEZE_POLICIES = ("none", "backbone", "backbone_except_norm", "last_n")
+OPTIMIZERS = ("adamw", "lion", "sgd")
+LOSSES = ("ce", "weighted_ce", "focal")
+TTA_MODES = ("none", "flips", "d4")
+TINY_PREFIX = "tiny-"
+
+# Applied under --demo before the config file and the command line, so that explicit flags still win.
+DEMO_DEFAULTS: dict[str, Any] = {
+    "num_train_epochs": 3,
+    "per_device_train_batch_size": 16,
+    "per_device_eval_batch_size": 32,
+    "logging_steps": 5,
+}
+
+
+def _check(name: str, value: Any, allowed: Sequence[Any]) -> None:
+    if value not in allowed:
+        raise ValueError(f"--{name}={value!r} is not supported; choose one of {list(allowed)}")
+
+
+@dataclass
+class DataArguments:
+    """Where the images are and how patches are cut and augmented."""
+
+    data_dir: str | None = field(
+        default=None,
+        metadata={"help": "Labelled image folder (challenge, table or class-folder layout) or a clean_manifest.csv."},
+    )
+    layout: str | None = field(
+        default=None, metadata={"help": "Force the folder layout: challenge, table, class_folders or manifest."}
+    )
+    demo: bool = field(
+        default=False,
+        metadata={"help": "Generate H&E-like sample data (output_dir/demo_data) and use a tiny random backbone."},
+    )
+    strategy: str = field(
+        default="grid",
+        metadata={
+            "help": "Patching: grid (tiles), components (mask components), topk (tiles with most mask) or "
+            "whole (the whole image resized to one input)."
+        },
+    )
+    patch_size: int = field(default=224, metadata={"help": "Tile side in source pixels (grid, topk)."})
+    stride: int | None = field(default=None, metadata={"help": "Tile step (default: patch_size; topk: half)."})
+    min_foreground: int = field(default=200, metadata={"help": "Minimum mask pixels in a grid tile."})
+    top_k: int = field(default=12, metadata={"help": "Tiles kept per image by the topk strategy."})
+    min_area: int = field(default=200, metadata={"help": "Minimum mask component area (components strategy)."})
+    val_fraction: float = field(default=0.1, metadata={"help": "Fraction of images (by group) held out for eval."})
+    n_folds: int | None = field(
+        default=None, metadata={"help": "Grouped k-fold cross-validation: train one model per fold (e.g. 5)."}
+    )
+    fold: int | None = field(default=None, metadata={"help": "Run only this fold of --n_folds (0-based)."})
+    image_size: int | None = field(
+        default=None, metadata={"help": "Model input side in pixels (default: the backbone image processor's)."}
+    )
+    augment: str = field(
+        default="histo",
+        metadata={
+            "help": "Training augmentation: none, flips (flips + 90-degree rotations) or histo (+ random "
+            "resized crop, colour jitter, HED stain jitter)."
+        },
+    )
+    crop_scale_min: float = field(default=0.6, metadata={"help": "Smallest area fraction of RandomResizedCrop."})
+    color_jitter: float = field(default=0.1, metadata={"help": "Brightness/contrast/saturation jitter (histo)."})
+    hed_jitter: float = field(default=0.05, metadata={"help": "HED stain jitter sigma and bias (histo)."})
+    cutmix_alpha: float = field(default=0.0, metadata={"help": "CutMix Beta alpha (0 disables; seed 002 used 1.0)."})
+    mixup_alpha: float = field(default=0.0, metadata={"help": "MixUp Beta alpha (0 disables)."})
+    mix_prob: float = field(default=1.0, metadata={"help": "Probability that a training batch is mixed."})
+    exclude: str | None = field(
+        default=None, metadata={"help": "File of image ids to leave out (e.g. `hf-histo clean`'s exclusion list)."}
+    )
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "datasets cache folder for the patch dataset (and its embedding cache)."}
+    )
+
+    def __post_init__(self) -> None:
+        _check("strategy", self.strategy, STRATEGIES)
+        _check("augment", self.augment, AUGMENTATIONS)
+        if self.data_dir is None and not self.demo:
+            raise ValueError("--data_dir is required (or pass --demo to generate sample data)")
+        if self.patch_size <= 0 or (self.stride is not None and self.stride <= 0):
+            raise ValueError(f"--patch_size and --stride must be positive, got {self.patch_size}, {self.stride}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"--val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.n_folds is not None and self.n_folds < 2:
+            raise ValueError(f"--n_folds must be >= 2, got {self.n_folds}")
+        if self.fold is not None and (self.n_folds is None or not 0 <= self.fold < self.n_folds):
+            raise ValueError(f"--fold {self.fold} needs --n_folds > fold (got n_folds={self.n_folds})")
+        if not 0.0 < self.crop_scale_min <= 1.0:
+            raise ValueError(f"--crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
+        if min(self.cutmix_alpha, self.mixup_alpha, self.color_jitter, self.hed_jitter) < 0:
+            raise ValueError("--cutmix_alpha, --mixup_alpha, --color_jitter and --hed_jitter must be >= 0")
+        if not 0.0 < self.mix_prob <= 1.0:
+            raise ValueError(f"--mix_prob must be in (0, 1], got {self.mix_prob}")
+
+    def patching(self) -> dict[str, Any]:
+        """The patching parameters as a `PatchingConfig` dict (stored in the model config for inference)."""
+        from ..data.patching import PatchingConfig
+
+        return PatchingConfig(
+            strategy=self.strategy,
+            patch_size=self.patch_size,
+            stride=self.stride,
+            min_foreground=self.min_foreground,
+            top_k=self.top_k,
+            min_area=self.min_area,
+        ).to_dict()
+
+
+@dataclass
+class ModelArguments:
+    """Which backbone, which head, what is frozen, how patches vote."""
+
+    model_name_or_path: str = field(
+        default="phikon",
+        metadata={
+            "help": "Backbone: table name (phikon, convnext-tiny, resnet, ...), Hub id, local folder, a "
+            "trained hf-histo checkpoint, or tiny-<family> (vit, convnext, resnet, dinov2, timm) for tests."
+        },
+    )
+    demo_model: str = field(default="tiny-vit", metadata={"help": "Backbone used with --demo."})
+    head: str = field(default="linear", metadata={"help": "Head: linear, mlp or deep."})
+    head_hidden: int = field(default=512, metadata={"help": "Hidden width of the mlp/deep head."})
+    head_layers: int = field(default=4, metadata={"help": "Hidden layers of the deep head."})
+    head_activation: str = field(default="gelu", metadata={"help": "Activation of the mlp head."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout in the head."})
+    pooling: str | None = field(default=None, metadata={"help": "cls, mean, cls_mean or pooler (default: table)."})
+    freeze: str = field(
+        default="none",
+        metadata={
+            "help": "Static freezing: none, backbone (head only), backbone_except_norm, last_n (see "
+            "--trainable_blocks). Progressive unfreezing is --unfreeze_every_epochs instead."
+        },
+    )
+    trainable_blocks: int | None = field(default=None, metadata={"help": "Trainable last blocks for freeze=last_n."})
+    aggregation: str = field(
+        default="soft", metadata={"help": "Patch-to-image voting: soft (mean prob), hard (majority), mask_weighted."}
+    )
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank on the backbone (0: no LoRA)."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA branch."})
+    lora_targets: str | None = field(
+        default=None, metadata={"help": "Comma-separated module names for LoRA (default: the backbone table's)."}
+    )
+    model_revision: str | None = field(default=None, metadata={"help": "Hub revision of the backbone."})
+
+    def __post_init__(self) -> None:
+        _check("head", self.head, HEADS)
+        _check("freeze", self.freeze, FREEZE_POLICIES)
+        _check("aggregation", self.aggregation, AGGREGATIONS)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.freeze == "last_n" and (self.trainable_blocks is None or self.trainable_blocks < 0):
+            raise ValueError("--freeze last_n needs --trainable_blocks >= 0")
+        if self.freeze != "last_n" and self.trainable_blocks is not None:
+            raise ValueError("--trainable_blocks is only used with --freeze last_n")
+        if self.lora_r < 0:
+            raise ValueError(f"--lora_r must be >= 0, got {self.lora_r}")
+        if self.lora_r and self.freeze != "none":
+            raise ValueError("--lora_r trains adapters on a frozen backbone by itself: leave --freeze none")
+
+
+@dataclass
+class HistoTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with hf-histo's optimizer, unfreezing, loss and evaluation options.
+
+    Defaults differ from `TrainingArguments` where patch classification needs it: evaluation and saving every
+    epoch, best model by image-level macro-F1, streaming eval metrics, no column removal, no reporting.
+    """
+
+    optim_name: str = field(default="adamw", metadata={"help": "Optimizer: adamw, lion (timm) or sgd."})
+    head_learning_rate: float | None = field(
+        default=None, metadata={"help": "Head learning rate; --learning_rate is the backbone's (default: the same)."}
+    )
+    layer_decay: float = field(
+        default=1.0, metadata={"help": "Layer-wise LR decay per backbone block towards the input (e.g. 0.75)."}
+    )
+    block_granularity: str = field(
+        default="block", metadata={"help": "What a 'block' is for LR decay and unfreezing: block or stage (CNNs)."}
+    )
+    unfreeze_every_epochs: float | None = field(
+        default=None, metadata={"help": "Progressive unfreezing: head first, then blocks every N epochs (seed: 20)."}
+    )
+    unfreeze_blocks: int = field(default=2, metadata={"help": "Blocks unfrozen at each unfreezing step."})
+    unfreeze_start_epoch: float | None = field(
+        default=None, metadata={"help": "Epoch of the first unfreezing step (default: --unfreeze_every_epochs)."}
+    )
+    frozen_head_learning_rate: float | None = field(
+        default=None, metadata={"help": "Head learning rate while the whole backbone is still frozen (seed: 3e-4)."}
+    )
+    loss: str = field(default="ce", metadata={"help": "Loss: ce, weighted_ce (class weights) or focal."})
+    class_weights: list[float] | None = field(
+        default=None, metadata={"help": "Class weights in label order (default for weighted_ce: from train counts)."}
+    )
+    class_weight_scheme: str = field(default="inverse", metadata={"help": "Weights from counts: inverse|effective."})
+    focal_gamma: float = field(default=2.0, metadata={"help": "Focusing parameter of the focal loss."})
+    balanced_sampler: bool = field(default=False, metadata={"help": "Sample training patches class-balanced."})
+    early_stopping_patience: int | None = field(
+        default=None, metadata={"help": "Stop after this many evaluations without image macro-F1 improvement."}
+    )
+    tta: str = field(default="none", metadata={"help": "Test-time augmentation at evaluation: none, flips, d4."})
+    n_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples for the image macro-F1 95% CI."})
+    use_embedding_cache: str = field(
+        default="auto",
+        metadata={
+            "help": "Train the head on cached backbone embeddings: auto (when the backbone is frozen and "
+            "augmentation is none/flips without CutMix/MixUp), yes, no."
+        },
+    )
+
+    # TrainingArguments fields with defaults suited to patch classification.
+    eval_strategy: str = field(default="epoch", metadata={"help": "When to evaluate: no, steps, epoch."})
+    save_strategy: str = field(default="epoch", metadata={"help": "When to save: no, steps, epoch, best."})
+    logging_strategy: str = field(default="epoch", metadata={"help": "When to log: no, steps, epoch."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept (best one included)."})
+    load_best_model_at_end: bool = field(default=True, metadata={"help": "Reload the best checkpoint at the end."})
+    metric_for_best_model: str | None = field(
+        default="image_macro_f1", metadata={"help": "Metric selecting the best checkpoint."}
+    )
+    greater_is_better: bool | None = field(default=True, metadata={"help": "Whether the metric is maximised."})
+    batch_eval_metrics: bool = field(
+        default=True, metadata={"help": "Stream eval metrics batch by batch (no full logits in memory)."}
+    )
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep dataset columns: the patch transform reads `image`."}
+    )
+    report_to: None | str | list[str] = field(default="none", metadata={"help": "Experiment trackers."})
+
+    def __post_init__(self) -> None:
+        _check("optim_name", self.optim_name, OPTIMIZERS)
+        _check("loss", self.loss, LOSSES)
+        _check("tta", self.tta, TTA_MODES)
+        _check("block_granularity", self.block_granularity, ("block", "stage"))
+        _check("class_weight_scheme", self.class_weight_scheme, ("inverse", "effective"))
+        _check("use_embedding_cache", self.use_embedding_cache, ("auto", "yes", "no"))
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ValueError(f"--layer_decay must be in (0, 1], got {self.layer_decay}")
+        if self.head_learning_rate is not None and self.head_learning_rate < 0:
+            raise ValueError(f"--head_learning_rate must be >= 0, got {self.head_learning_rate}")
+        if self.unfreeze_every_epochs is not None:
+            if self.unfreeze_every_epochs <= 0 or self.unfreeze_blocks < 1:
+                raise ValueError("--unfreeze_every_epochs must be > 0 and --unfreeze_blocks >= 1")
+        elif self.unfreeze_start_epoch is not None or self.frozen_head_learning_rate is not None:
+            raise ValueError("--unfreeze_start_epoch/--frozen_head_learning_rate need --unfreeze_every_epochs")
+        if self.class_weights is not None and self.loss == "ce":
+            raise ValueError("--class_weights needs --loss weighted_ce or focal")
+        if self.focal_gamma < 0:
+            raise ValueError(f"--focal_gamma must be >= 0, got {self.focal_gamma}")
+        if self.early_stopping_patience is not None:
+            if self.early_stopping_patience < 1:
+                raise ValueError(f"--early_stopping_patience must be >= 1, got {self.early_stopping_patience}")
+            if str(self.eval_strategy) == "no" or not self.metric_for_best_model:
+                raise ValueError("--early_stopping_patience needs an eval strategy and --metric_for_best_model")
+        if self.n_bootstrap < 1:
+            raise ValueError(f"--n_bootstrap must be >= 1, got {self.n_bootstrap}")
+        if str(self.eval_strategy) == "no":
+            self.load_best_model_at_end = False
+        if str(self.save_strategy) == "no":
+            self.load_best_model_at_end = False
+        super().__post_init__()
+
+
+ARGUMENT_CLASSES = (DataArguments, ModelArguments, HistoTrainingArguments)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a flat argument dict from a `.yaml`/`.yml` or `.json` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        values = yaml.safe_load(text) or {}
+    elif path.suffix.lower() == ".json":
+        values = json.loads(text)
+    else:
+        raise ValueError(f"config file {path} must end in .yaml, .yml or .json")
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must hold a mapping of argument names to values")
+    return values
+
+
+def _pop_config(argv: list[str]) -> tuple[str | None, list[str]]:
+    rest, config = [], None
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--config":
+            if i + 1 >= len(argv):
+                raise ValueError("--config needs a file path")
+            config, i = argv[i + 1], i + 2
+            continue
+        if arg.startswith("--config="):
+            config = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+        i += 1
+    return config, rest
+
+
+def parse_args(
+    defaults: Mapping[str, Any] | None = None, argv: Sequence[str] | None = None
+) -> tuple[DataArguments, ModelArguments, HistoTrainingArguments]:
+    """Parse recipe arguments: recipe defaults < `--demo` defaults < `--config` file < command line.
+
+    Args:
+        defaults: The recipe's `RECIPE_DEFAULTS` (any field of the three dataclasses).
+        argv: Command-line arguments (default: `sys.argv[1:]`).
+
+    Returns:
+        `(data_args, model_args, training_args)`. With `--demo`, `model_name_or_path` becomes `demo_model` and
+        `data_dir` defaults to `output_dir/demo_data` (generated by `build_datasets`).
+    """
+    if argv is None:
+        from .run import relaunch_for_cpu_ddp
+
+        relaunch_for_cpu_ddp()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_path, argv = _pop_config(argv)
+    known = {f.name for cls in ARGUMENT_CLASSES for f in fields(cls)}
+    merged: dict[str, Any] = dict(defaults or {})
+    file_values = load_config_file(config_path) if config_path else {}
+    demo = bool(file_values.get("demo", merged.get("demo")))
+    for i, arg in enumerate(argv):
+        if arg == "--demo":
+            value = argv[i + 1].lower() if i + 1 < len(argv) and not argv[i + 1].startswith("--") else "true"
+            demo = value in ("1", "true", "yes", "y")
+        elif arg.startswith("--demo="):
+            demo = arg.split("=", 1)[1].lower() in ("1", "true", "yes", "y")
+    if demo:
+        merged.update(DEMO_DEFAULTS)
+        if merged.get("unfreeze_every_epochs"):
+            merged["unfreeze_every_epochs"] = 1
+            merged.pop("unfreeze_start_epoch", None)
+    merged.update(file_values)
+    unknown = sorted(set(merged) - known)
+    if unknown:
+        raise ValueError(f"unknown argument names {unknown} (in RECIPE_DEFAULTS or the --config file)")
+    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    parser.set_defaults(**merged)
+    namespace = parser.parse_args(argv)
+    values = vars(namespace)
+    if "LOCAL_RANK" in os.environ and not torch.cuda.is_available():
+        values["use_cpu"] = True  # torchrun on a CPU-only machine: DDP over gloo, not N independent runs
+    if values.get("demo"):
+        if not values.get("output_dir"):
+            values["output_dir"] = "hf_histo_demo"
+        values["model_name_or_path"] = values["demo_model"]
+        if values.get("data_dir") is None:
+            values["data_dir"] = str(Path(values["output_dir"]) / "demo_data")
+    outputs = []
+    for cls in ARGUMENT_CLASSES:
+        names = {f.name for f in fields(cls) if f.init}
+        outputs.append(cls(**{k: v for k, v in values.items() if k in names}))
+    return tuple(outputs)  # type: ignore[return-value]

@@ -1,0 +1,244 @@
+"""Trainer callbacks: progressive unfreezing by learning-rate gating (DDP- and resume-safe)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+logger = logging.getLogger(__name__)
+
+# Blocks that are not counted as unfreezing steps: the final norm goes with the first step, the stem with the last.
+_STEM = "embeddings"
+_POST = "post_backbone"
+_EPS = 1e-6
+
+
+def _inner_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer behind accelerate's `AcceleratedOptimizer`."""
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def gated_parameters(optimizer: Any) -> list[torch.nn.Parameter]:
+    """Parameters of the optimizer groups currently marked `frozen` by `ProgressiveUnfreezeCallback`."""
+    return [p for g in _inner_optimizer(optimizer).param_groups if g.get("frozen") for p in g["params"]]
+
+
+def drop_gated_gradients(optimizer: Any) -> int:
+    """Set `.grad = None` on gated parameters so that no optimizer touches them (no update, no moments).
+
+    Returns:
+        The number of gradients dropped.
+    """
+    n = 0
+    for param in gated_parameters(optimizer):
+        if param.grad is not None:
+            param.grad = None
+            n += 1
+    return n
+
+
+class ProgressiveUnfreezeCallback(TrainerCallback):
+    """Train the head first, then unfreeze `blocks_per_step` backbone blocks every `every_epochs` epochs.
+
+    Freezing is done by gating, not by `requires_grad`: every trainable parameter is in the optimizer and in the
+    DDP wrapper from the start, and the groups of blocks not yet unfrozen get learning rate 0 and no gradients
+    (dropped before clipping by `HistoTrainer` and again right before `optimizer.step`, so AdamW/Lion/SGD skip
+    them: no update, no weight decay, no moment accumulation). Parameters frozen when DDP wraps the model would
+    never be synchronised after unfreezing; gated ones are, since DDP all-reduces their gradients all along.
+
+    The stage is a pure function of `state.epoch`, so resuming from a checkpoint restores it. Blocks are the
+    optimizer groups built by `build_param_groups` (`role == "backbone"`), unfrozen from the output side; the
+    final norm joins the first step and the stem joins the step that unfreezes the first block.
+
+    Args:
+        every_epochs: Epochs between unfreezing steps (seed 000: 20).
+        blocks_per_step: Blocks unfrozen per step (seed 000: 2).
+        start_epoch: Epoch of the first step (default: `every_epochs`, i.e. the head trains alone first).
+        frozen_head_lr: Head learning rate while the whole backbone is gated (seed 001: 3e-4 before 3e-5);
+            `None` keeps the scheduled head learning rate.
+    """
+
+    def __init__(
+        self,
+        every_epochs: float = 20,
+        blocks_per_step: int = 2,
+        start_epoch: float | None = None,
+        frozen_head_lr: float | None = None,
+    ):
+        if every_epochs <= 0 or blocks_per_step < 1:
+            raise ValueError(f"need every_epochs > 0 and blocks_per_step >= 1, got {every_epochs}, {blocks_per_step}")
+        self.every_epochs = float(every_epochs)
+        self.blocks_per_step = int(blocks_per_step)
+        self.start_epoch = self.every_epochs if start_epoch is None else float(start_epoch)
+        self.frozen_head_lr = frozen_head_lr
+        self.history: list[dict[str, Any]] = []
+        self._frozen_names: tuple[str, ...] | None = None
+        self._hooked: set[int] = set()
+
+    def schedule(self, block_names_in_order: list[str]) -> dict[str, float]:
+        """Epoch at which each block is unfrozen, for block names ordered from input to output."""
+        units = [b for b in block_names_in_order if b not in (_STEM, _POST)]
+        epochs: dict[str, float] = {}
+        for k, block in enumerate(reversed(units)):
+            epochs[block] = self.start_epoch + (k // self.blocks_per_step) * self.every_epochs
+        first = self.start_epoch
+        last = max(epochs.values()) if epochs else first
+        if _POST in block_names_in_order:
+            epochs[_POST] = first
+        if _STEM in block_names_in_order:
+            epochs[_STEM] = last
+        return epochs
+
+    def _annotate(self, optimizer: torch.optim.Optimizer) -> None:
+        backbone = [g for g in optimizer.param_groups if g.get("role") == "backbone"]
+        by_index = sorted({(g["block_index"], g["name"]) for g in backbone})
+        epochs = self.schedule([name for _, name in by_index])
+        for group in optimizer.param_groups:
+            group["unfreeze_epoch"] = epochs.get(group.get("name"), 0.0) if group.get("role") == "backbone" else 0.0
+
+    def _apply(self, state, optimizer: Any, lr_scheduler: Any) -> None:
+        inner = _inner_optimizer(optimizer)
+        epoch = float(state.epoch or 0.0)
+        scheduled = None
+        if lr_scheduler is not None and hasattr(lr_scheduler, "get_last_lr"):
+            scheduled = list(lr_scheduler.get_last_lr())
+            if len(scheduled) != len(inner.param_groups):
+                scheduled = None
+        frozen_names = []
+        for i, group in enumerate(inner.param_groups):
+            lr = scheduled[i] if scheduled is not None else group["lr"]
+            frozen = group.get("unfreeze_epoch", 0.0) > epoch + _EPS
+            group["frozen"] = frozen
+            if frozen:
+                frozen_names.append(group.get("name", f"group{i}"))
+                lr = 0.0
+            group["lr"] = lr
+        all_gated = any(g.get("role") == "backbone" for g in inner.param_groups) and all(
+            g.get("frozen") for g in inner.param_groups if g.get("role") == "backbone"
+        )
+        if self.frozen_head_lr is not None and all_gated:
+            for i, group in enumerate(inner.param_groups):
+                if group.get("role") == "head":
+                    base = group.get("initial_lr", group["lr"]) or 1.0
+                    lr = scheduled[i] if scheduled is not None else group["lr"]
+                    group["lr"] = lr * self.frozen_head_lr / base
+        names = tuple(dict.fromkeys(frozen_names))
+        if names != self._frozen_names:
+            self._log_change(state, inner, names)
+            self._frozen_names = names
+
+    def _log_change(self, state, optimizer: torch.optim.Optimizer, frozen: tuple[str, ...]) -> None:
+        blocks = list(dict.fromkeys(g["name"] for g in optimizer.param_groups if g.get("role") == "backbone"))
+        trainable = [b for b in blocks if b not in frozen]
+        newest = [b for b in trainable if self._frozen_names is not None and b in self._frozen_names]
+        event = {
+            "epoch": round(float(state.epoch or 0.0), 4),
+            "step": int(state.global_step),
+            "trainable_blocks": trainable,
+            "frozen_blocks": list(frozen),
+            "unfrozen_now": newest,
+        }
+        self.history.append(event)
+        if state.is_world_process_zero:
+            logger.info(
+                "progressive unfreezing at epoch %.2f (step %d): head + %d/%d backbone blocks trainable%s",
+                event["epoch"],
+                event["step"],
+                len(trainable),
+                len(blocks),
+                f" (unfrozen now: {', '.join(newest)})" if newest else "",
+            )
+
+    def _hook(self, optimizer: Any) -> None:
+        inner = _inner_optimizer(optimizer)
+        if id(inner) in self._hooked:
+            return
+
+        def pre_step(opt, args, kwargs) -> None:
+            drop_gated_gradients(opt)
+
+        inner.register_step_pre_hook(pre_step)
+        self._hooked.add(id(inner))
+
+    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        """Write each group's unfreeze epoch and gate the groups not yet due."""
+        if optimizer is None:
+            raise ValueError("ProgressiveUnfreezeCallback needs the Trainer's optimizer (use it with a Trainer)")
+        inner = _inner_optimizer(optimizer)
+        if not any(g.get("role") == "backbone" for g in inner.param_groups):
+            logger.warning("ProgressiveUnfreezeCallback: no backbone param groups (build_param_groups); nothing to do")
+        self._frozen_names = None
+        self._annotate(inner)
+        self._hook(optimizer)
+        self._apply(state, optimizer, lr_scheduler)
+
+    def on_step_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        """Re-apply the gate after the scheduler has set this step's learning rates."""
+        if optimizer is not None:
+            self._apply(state, optimizer, lr_scheduler)
+
+    def n_steps(self, n_blocks: int) -> int:
+        """Number of unfreezing steps needed for `n_blocks` blocks."""
+        return math.ceil(n_blocks / self.blocks_per_step)
+
+
+def parameter_digests(model: torch.nn.Module, optimizer: Any | None = None) -> dict[str, str]:
+    """SHA-256 of the parameters per optimizer group name (or per parameter name without an optimizer)."""
+    import hashlib
+
+    def sha(params) -> str:
+        digest = hashlib.sha256()
+        for p in params:
+            digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    if optimizer is None:
+        return {name: sha([p]) for name, p in model.named_parameters()}
+    by_name: dict[str, list] = {}
+    for group in _inner_optimizer(optimizer).param_groups:
+        by_name.setdefault(str(group.get("name", len(by_name))), []).extend(group["params"])
+    return {name: sha(params) for name, params in by_name.items()}
+
+
+class ParamDigestCallback(TrainerCallback):
+    """Write per-rank parameter digests (per block, at train begin, each epoch end and train end) as JSON.
+
+    A debugging aid for distributed runs: equal digests across ranks prove the replicas stayed identical, and a
+    block whose digest did not move while it was gated proves the gate held. `HistoTrainer` adds it when the
+    environment variable `HF_HISTO_DEBUG_PARAM_DIGEST` names a folder; rank `r` writes `rank{r}.json` there.
+
+    Args:
+        out_dir: Folder for the JSON files.
+    """
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+        self.record: dict[str, Any] = {"epochs": []}
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        """Digest the initial parameters."""
+        self.record["begin"] = parameter_digests(model, optimizer)
+
+    def on_epoch_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        """Digest the parameters after each epoch."""
+        self.record["epochs"].append({"epoch": state.epoch, "digests": parameter_digests(model, optimizer)})
+
+    def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        """Digest the final parameters and write the file."""
+        import json
+        import os
+
+        from ..utils import atomic_write_text
+
+        self.record["end"] = parameter_digests(model, optimizer)
+        self.record["all"] = parameter_digests(model)
+        rank = int(os.environ.get("RANK", args.process_index))
+        self.record["rank"] = rank
+        self.record["world_size"] = int(args.world_size)
+        atomic_write_text(os.path.join(self.out_dir, f"rank{rank}.json"), json.dumps(self.record, indent=1))

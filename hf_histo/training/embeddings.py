@@ -1,0 +1,254 @@
+"""Embedding cache for frozen backbones: embed every patch once, then train the head on cached features."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers.modeling_outputs import ImageClassifierOutput
+
+from ..data.transforms import InputSpec, build_transforms, input_spec, tta_views
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+VIEW_MODES = {"none": 1, "flips": 3, "d4": 8}
+# Positions of the TTA views inside the cached "d4" views (tta_views order: 4 quarter turns, then their h-flips).
+D4_SUBSETS = {"none": [0], "flips": [0, 4, 6], "d4": list(range(8))}
+
+
+def backbone_fingerprint(model: nn.Module) -> str:
+    """Hash of what determines an embedding: backbone config, pooling and every backbone weight."""
+    digest = hashlib.sha256()
+    config = model.config
+    digest.update(config.backbone_config.to_json_string(use_diff=False).encode())
+    digest.update(str(config.pooling).encode())
+    for name, tensor in sorted(model.backbone.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def embedding_cache_key(model: nn.Module, dataset: Any, spec: InputSpec, views: str) -> str:
+    """Cache key of (backbone weights, patch dataset, input transform, views)."""
+    fingerprint = getattr(dataset, "_fingerprint", None)
+    if fingerprint is None:
+        raise ValueError("the dataset has no _fingerprint: pass a datasets.Dataset")
+    payload = {
+        "version": CACHE_VERSION,
+        "backbone": backbone_fingerprint(model),
+        "dataset": fingerprint,
+        "transform": spec.to_dict(),
+        "views": views,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _cache_location(dataset: Any, key: str, cache_dir: str | Path | None) -> Path | None:
+    if cache_dir is not None:
+        return Path(cache_dir) / f"embeddings-{key}.arrow"
+    files = getattr(dataset, "cache_files", None) or []
+    if files:
+        return Path(files[0]["filename"]).parent / f"embeddings-{key}.arrow"
+    return None
+
+
+@torch.no_grad()
+def compute_embeddings(
+    model: nn.Module,
+    dataset: Any,
+    processor_or_spec: Any,
+    views: str = "none",
+    batch_size: int = 64,
+    cache_dir: str | Path | None = None,
+    device: str | torch.device | None = None,
+):
+    """Embed every patch of `dataset` with the model's backbone, once, and cache the result.
+
+    The cache lives next to the dataset's own Arrow cache files (or in `cache_dir`) under a key of the backbone
+    weights, the dataset fingerprint, the input transform and the views, so a changed backbone, patching or input
+    size never reads stale features. Computation streams batch by batch into an Arrow file.
+
+    Args:
+        model: A `HistoClassifierForImageClassification` (its `embed` is used; the head is not).
+        dataset: The raw patch split (`image`, `label`, `image_id`, ... columns), without transform.
+        processor_or_spec: The image processor, `InputSpec` or input side (deterministic eval transform).
+        views: `"none"` (the patch), `"flips"` (+ h/v flips) or `"d4"` (8 flips/quarter turns) per patch.
+        batch_size: Patches per forward pass.
+        cache_dir: Cache folder override (needed for in-memory datasets to be cached at all).
+        device: Device for the forward passes (default: the model's).
+
+    Returns:
+        A `datasets.Dataset` in torch format with `embeddings` (`[V, D]` float32 per patch), `labels`, and
+        `image_id` / `group_id` / `foreground` when the source has them.
+    """
+    import datasets
+    from datasets.arrow_writer import ArrowWriter
+
+    if views not in VIEW_MODES:
+        raise ValueError(f"views={views!r}; choose one of {list(VIEW_MODES)}")
+    spec = input_spec(processor_or_spec)
+    raw = dataset.with_format(None)
+    key = embedding_cache_key(model, raw, spec, views)
+    path = _cache_location(raw, key, cache_dir)
+    if path is not None and path.is_file():
+        logger.info("embedding cache hit: %s", path)
+        return _as_torch(datasets.Dataset.from_file(str(path)))
+
+    transform = build_transforms(spec, train=False)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    keep = [c for c in ("image_id", "group_id", "foreground") if c in raw.column_names]
+    n_views = VIEW_MODES[views]
+    dim = None
+    writer = None
+    tmp = None
+    rows_out: dict[str, list] = {}
+    try:
+        for start in range(0, len(raw), batch_size):
+            batch = raw[start : start + batch_size]
+            pixels = torch.stack([transform(image.convert("RGB")) for image in batch["image"]]).to(device)
+            embeddings = torch.stack([model.embed(v) for v in tta_views(pixels, views)], dim=1).float().cpu().numpy()
+            if writer is None:
+                dim = embeddings.shape[-1]
+                features = datasets.Features(
+                    {
+                        "embeddings": datasets.Array2D(shape=(n_views, dim), dtype="float32"),
+                        "labels": datasets.Value("int64"),
+                        **{c: raw.features[c] for c in keep},
+                    }
+                )
+                if path is not None:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                    writer = ArrowWriter(features=features, path=str(tmp))
+                else:
+                    writer = features
+            chunk = {"embeddings": list(embeddings), "labels": [int(y) for y in batch["label"]]}
+            chunk.update({c: batch[c] for c in keep})
+            if isinstance(writer, ArrowWriter):
+                writer.write_batch(chunk)
+            else:
+                for k, v in chunk.items():
+                    rows_out.setdefault(k, []).extend(v)
+        if writer is None:
+            raise ValueError("cannot embed an empty dataset")
+        if isinstance(writer, ArrowWriter):
+            writer.finalize()
+            writer.close()
+            os.replace(tmp, path)
+            logger.info("embedding cache written: %s (%d patches x %d views x %d)", path, len(raw), n_views, dim)
+            result = datasets.Dataset.from_file(str(path))
+        else:
+            result = datasets.Dataset.from_dict(rows_out, features=writer)
+    finally:
+        if tmp is not None and tmp.exists():
+            tmp.unlink()
+        model.train(was_training)
+    return _as_torch(result)
+
+
+def _as_torch(dataset):
+    return dataset.with_format("torch", columns=["embeddings", "labels"], output_all_columns=True)
+
+
+class HeadOnlyModel(nn.Module):
+    """Train and evaluate a classifier's head on cached embeddings (`[B, D]` or `[B, V, D]` for V views).
+
+    The head is the full model's own `classifier` module (shared, not copied), so training updates the full model
+    and `full_model.save_pretrained` saves a complete checkpoint. Only the head is registered as a submodule:
+    Trainer checkpoints hold the head alone. With several cached views, training draws one view per patch (flip /
+    rotation augmentation) and evaluation averages the softmax over `eval_views` (TTA), returned as log-probs.
+
+    Args:
+        model: The `HistoClassifierForImageClassification`.
+        eval_views: Indices of the cached views averaged at evaluation (default: all).
+        train_views: Indices of the cached views drawn from in training (default: all).
+    """
+
+    main_input_name = "embeddings"
+
+    def __init__(self, model: nn.Module, eval_views: list[int] | None = None, train_views: list[int] | None = None):
+        super().__init__()
+        object.__setattr__(self, "full_model", model)
+        self.classifier = model.classifier
+        self.config = model.config
+        self.eval_views = eval_views
+        self.train_views = train_views
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor | None = None) -> ImageClassifierOutput:
+        """Logits of the head for cached embeddings (the loss is computed by the trainer)."""
+        if embeddings.dim() == 2:
+            return ImageClassifierOutput(logits=self.classifier(embeddings))
+        n, v = embeddings.shape[:2]
+        if self.training:
+            choices = torch.as_tensor(self.train_views if self.train_views is not None else range(v))
+            pick = choices[torch.randint(0, len(choices), (n,))].to(embeddings.device)
+            return ImageClassifierOutput(logits=self.classifier(embeddings[torch.arange(n), pick]))
+        views = self.eval_views if self.eval_views is not None else list(range(v))
+        if len(views) == 1:
+            return ImageClassifierOutput(logits=self.classifier(embeddings[:, views[0]]))
+        probs = torch.softmax(self.classifier(embeddings[:, views]).float(), dim=-1).mean(dim=1)
+        return ImageClassifierOutput(logits=probs.clamp_min(1e-12).log())
+
+    def backbone_blocks(self, coarse: bool = False) -> list[tuple[str, list[str]]]:
+        """No backbone blocks: only the head trains."""
+        return []
+
+    def head_parameter_names(self) -> list[str]:
+        """Every parameter is a head parameter."""
+        return [name for name, _ in self.named_parameters()]
+
+    def norm_parameter_names(self) -> list[str]:
+        """The head's norm layers are found by type in `build_param_groups`."""
+        return []
+
+
+def cached_views_for(augment: str, tta: str) -> tuple[str, list[int], list[int]]:
+    """Views to cache, the training subset and the eval subset.
+
+    `flips` augmentation (random flips and quarter turns) is exactly a random pick among the 8 D4 views; TTA
+    averages a subset of them.
+    """
+    if augment == "flips" or tta == "d4":
+        return "d4", (list(range(8)) if augment == "flips" else [0]), D4_SUBSETS[tta]
+    if tta == "flips":
+        return "flips", [0], [0, 1, 2]
+    return "none", [0], [0]
+
+
+def prepare_cached_head(
+    model: nn.Module,
+    data: Any,
+    processor_or_spec: Any,
+    augment: str = "none",
+    tta: str = "none",
+    batch_size: int = 64,
+    cache_dir: str | Path | None = None,
+    eval_split: str = "validation",
+) -> tuple[HeadOnlyModel, Any, Any]:
+    """Embed the train and eval splits once and wrap the model for head-only training.
+
+    Returns:
+        `(head_model, train_embeddings, eval_embeddings)`, ready for `HistoTrainer` with
+        `PatchCollator(input_name="embeddings")`.
+    """
+    views, train_views, eval_views = cached_views_for(augment, tta)
+    train = compute_embeddings(model, data["train"], processor_or_spec, views, batch_size, cache_dir)
+    evaluation = None
+    if eval_split in data:
+        evaluation = compute_embeddings(model, data[eval_split], processor_or_spec, views, batch_size, cache_dir)
+    return HeadOnlyModel(model, eval_views=eval_views, train_views=train_views), train, evaluation
+
+
+def embeddings_array(dataset: Any) -> np.ndarray:
+    """All cached embeddings as one `[N, V, D]` array (for probes and plots)."""
+    return np.asarray(dataset.with_format("numpy")[:]["embeddings"])

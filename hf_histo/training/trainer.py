@@ -1,0 +1,451 @@
+"""HistoTrainer: a Trainer with layer-wise LR groups, gated unfreezing, imbalance-aware losses, image-level metrics."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import EarlyStoppingCallback, Trainer
+
+from ..data.transforms import tta_views
+from ..utils import atomic_write_text
+from .callbacks import ParamDigestCallback, ProgressiveUnfreezeCallback, drop_gated_gradients, gated_parameters
+from .losses import build_loss, class_weights_from_counts
+from .metrics import (
+    METRIC_KEYS,
+    PatchPredictionAccumulator,
+    bootstrap_ci,
+    plot_confusion_matrix,
+    plot_training_curves,
+)
+from .param_groups import build_param_groups, create_optimizer, describe_param_groups
+
+logger = logging.getLogger(__name__)
+
+
+def dataset_column(dataset: Any, name: str) -> list | None:
+    """A column of a (possibly `with_transform`-formatted) `datasets.Dataset`, raw; None when absent."""
+    if dataset is None or name not in getattr(dataset, "column_names", ()):
+        return None
+    return list(dataset.with_format(None)[name])
+
+
+def label_names(model: nn.Module) -> list[str]:
+    """Class names in index order from the (wrapped) model's `config.id2label`."""
+    base = getattr(model, "module", model)
+    config = getattr(base, "config", None)
+    id2label = getattr(config, "id2label", None)
+    if not id2label:
+        raise ValueError("the model config has no id2label: build it with id2label (class names)")
+    return [str(id2label[i]) for i in sorted(int(k) for k in id2label)]
+
+
+class ImageLevelMetrics:
+    """Streaming `compute_metrics` for `Trainer(batch_eval_metrics=True)`: patch and image-level metrics.
+
+    Patch probabilities are folded batch by batch into a `PatchPredictionAccumulator` (per-image running sums),
+    so evaluation over tens of thousands of patches holds `O(images x classes)` plus one float32 row per patch.
+    Predictions arrive in dataset order (Trainer's eval loader does not shuffle; under DDP they are gathered in
+    order and the padding is dropped), so the `i`-th prediction belongs to the `i`-th row's `image_id`.
+    `HistoTrainer` calls `start(dataset)` before each evaluation.
+
+    Args:
+        labels: Class names in index order.
+        aggregation: Patch-to-image voting: `"soft"`, `"hard"` or `"mask_weighted"` (weights: `foreground`).
+    """
+
+    def __init__(self, labels: Sequence[str], aggregation: str = "soft"):
+        self.labels = list(labels)
+        self.aggregation = aggregation
+        self.last: dict[str, Any] | None = None
+        self._image_ids: list[str] | None = None
+        self._foreground: np.ndarray | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._acc = PatchPredictionAccumulator(len(self.labels))
+        self._offset = 0
+        self._image_label: dict[str, int] = {}
+
+    def start(self, dataset: Any) -> None:
+        """Bind the rows of the dataset about to be evaluated (reads its `image_id` and `foreground` columns)."""
+        self._reset()
+        ids = dataset_column(dataset, "image_id")
+        self._image_ids = None if ids is None else [str(i) for i in ids]
+        fg = dataset_column(dataset, "foreground")
+        self._foreground = None if fg is None else np.asarray(fg, dtype=np.float64)
+
+    def __call__(self, eval_prediction: Any, compute_result: bool = True) -> dict[str, float]:
+        """Add a batch of predictions; on the last batch return flat metrics (`image_macro_f1`, `patch_auroc`...)."""
+        logits = eval_prediction.predictions
+        if isinstance(logits, (tuple, list)):
+            logits = logits[0]
+        logits = torch.as_tensor(logits).detach().float().cpu()
+        labels = torch.as_tensor(eval_prediction.label_ids).detach().cpu().reshape(-1).numpy().astype(np.int64)
+        probs = torch.softmax(logits, dim=-1).numpy()
+        n = probs.shape[0]
+        start, stop = self._offset, self._offset + n
+        if self._image_ids is None:  # no image ids: every patch is its own image
+            ids = [f"row{i}" for i in range(start, stop)]
+        else:
+            if stop > len(self._image_ids):
+                raise ValueError(
+                    f"got predictions for rows {start}..{stop - 1} but the eval dataset has {len(self._image_ids)} "
+                    "rows: evaluate the dataset bound with start(), unshuffled"
+                )
+            ids = self._image_ids[start:stop]
+        weights = None if self._foreground is None else self._foreground[start:stop]
+        self._acc.add(ids, probs, labels, weights)
+        for image_id, label in zip(ids, labels.tolist()):
+            self._image_label.setdefault(image_id, label)
+        self._offset = stop
+        if not compute_result:
+            return {}
+        aggregation = (
+            self.aggregation if (self._foreground is not None or self.aggregation != "mask_weighted") else "soft"
+        )
+        result = self._acc.compute(self.labels, aggregation)
+        ids, image_probs = self._acc.image_probs(aggregation)
+        result["image_ids"] = ids
+        result["image_probs"] = image_probs
+        result["image_labels"] = np.array([self._image_label[i] for i in ids], dtype=np.int64)
+        result["aggregation"] = aggregation
+        self.last = result
+        flat: dict[str, float] = {}
+        for level in ("image", "patch"):
+            for key in METRIC_KEYS:
+                value = result[level][key]
+                flat[f"{level}_{key}"] = float("nan") if value is None else float(value)
+            flat[f"{level}_n"] = float(result[level]["n"])
+        self._reset()
+        return flat
+
+
+class BalancedSampler(torch.utils.data.Sampler[int]):
+    """Class-balanced sampling with replacement: each class is drawn equally often in expectation.
+
+    Deterministic in `(seed, epoch)` so that all DDP ranks draw the same sequence and a resumed run the same
+    epochs (Trainer/accelerate call `set_epoch`).
+
+    Args:
+        labels: Class index of every training row.
+        seed: Base seed.
+        num_samples: Draws per epoch (default: the dataset length).
+    """
+
+    def __init__(self, labels: Sequence[int], seed: int = 0, num_samples: int | None = None):
+        labels_t = torch.as_tensor(list(labels), dtype=torch.long)
+        if labels_t.numel() == 0:
+            raise ValueError("BalancedSampler needs at least one labelled row")
+        counts = torch.bincount(labels_t[labels_t >= 0])
+        self.weights = torch.where(labels_t >= 0, 1.0 / counts.clamp_min(1)[labels_t.clamp_min(0)].double(), 0.0)
+        self.num_samples = int(num_samples or labels_t.numel())
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's random sequence."""
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.multinomial(self.weights, self.num_samples, replacement=True, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def build_training_loss(args: Any, train_labels: Sequence[int] | None, num_labels: int) -> nn.Module:
+    """The loss module from `HistoTrainingArguments` (class weights from training counts when not given).
+
+    Args:
+        args: `HistoTrainingArguments` (`loss`, `class_weights`, `class_weight_scheme`, `focal_gamma`,
+            `label_smoothing_factor`).
+        train_labels: Class index of each training patch (for weights from counts).
+        num_labels: Number of classes.
+    """
+    name = getattr(args, "loss", "ce")
+    weights = getattr(args, "class_weights", None)
+    if weights is not None and len(weights) != num_labels:
+        raise ValueError(f"--class_weights has {len(weights)} values for {num_labels} classes")
+    if name == "weighted_ce" and weights is None:
+        if train_labels is None:
+            raise ValueError("weighted_ce needs --class_weights or a train dataset with a `label` column")
+        counts = np.bincount([int(y) for y in train_labels if int(y) >= 0], minlength=num_labels)
+        weights = class_weights_from_counts(counts, scheme=getattr(args, "class_weight_scheme", "inverse"))
+    return build_loss(
+        name,
+        class_weights=weights,
+        gamma=getattr(args, "focal_gamma", 2.0),
+        label_smoothing=float(getattr(args, "label_smoothing_factor", 0.0) or 0.0),
+    )
+
+
+class HistoTrainer(Trainer):
+    """`Trainer` for patch classifiers judged at image level.
+
+    It overrides only what it must: the optimizer (layer-wise LR decay, head LR, AdamW/Lion/SGD), the loss (any
+    `losses.build_loss` module, CutMix/MixUp soft targets), the training step (gated gradients of blocks not yet
+    unfrozen), evaluation (streaming image-level metrics, optional TTA) and the sampler (class-balanced option).
+    With `HistoTrainingArguments` it adds `ProgressiveUnfreezeCallback` (`--unfreeze_every_epochs`) and
+    `EarlyStoppingCallback` (`--early_stopping_patience`) by itself.
+
+    Args:
+        *args: `Trainer` arguments.
+        loss_fn: `forward(logits, targets)` module; default from the arguments and the train labels.
+        batch_mixer: `mix(pixel_values, labels)` applied to training batches (see `build_batch_mixer`).
+        **kwargs: `Trainer` keyword arguments; `compute_metrics` defaults to `ImageLevelMetrics`.
+    """
+
+    def __init__(self, *args, loss_fn: nn.Module | None = None, batch_mixer: Callable | None = None, **kwargs):
+        model = kwargs.get("model", args[0] if args else None)
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        labels = label_names(model)
+        if kwargs.get("compute_metrics") is None:
+            aggregation = getattr(getattr(_base(model), "config", None), "aggregation", "soft") or "soft"
+            kwargs["compute_metrics"] = ImageLevelMetrics(labels, aggregation)
+        callbacks = list(kwargs.get("callbacks") or [])
+        if training_args is not None and getattr(training_args, "unfreeze_every_epochs", None):
+            if not any(isinstance(c, ProgressiveUnfreezeCallback) for c in callbacks):
+                callbacks.append(
+                    ProgressiveUnfreezeCallback(
+                        every_epochs=training_args.unfreeze_every_epochs,
+                        blocks_per_step=training_args.unfreeze_blocks,
+                        start_epoch=training_args.unfreeze_start_epoch,
+                        frozen_head_lr=training_args.frozen_head_learning_rate,
+                    )
+                )
+        if training_args is not None and getattr(training_args, "early_stopping_patience", None):
+            if not any(isinstance(c, EarlyStoppingCallback) for c in callbacks):
+                callbacks.append(EarlyStoppingCallback(training_args.early_stopping_patience))
+        if os.environ.get("HF_HISTO_DEBUG_PARAM_DIGEST"):
+            callbacks.append(ParamDigestCallback(os.environ["HF_HISTO_DEBUG_PARAM_DIGEST"]))
+        kwargs["callbacks"] = callbacks
+        super().__init__(*args, **kwargs)
+        if loss_fn is None:
+            train_labels = dataset_column(self.train_dataset, "label")
+            if train_labels is None:
+                train_labels = dataset_column(self.train_dataset, "labels")
+            loss_fn = build_training_loss(self.args, train_labels, len(labels))
+        self.loss_fn = loss_fn
+        self.batch_mixer = batch_mixer
+
+    # ---- optimizer -----------------------------------------------------------------------------------------
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        """Param groups from `build_param_groups` (layer decay, head LR, no decay on norms/biases)."""
+        if self.optimizer is None:
+            opt_model = self.model if model is None else model
+            args = self.args
+            groups = build_param_groups(
+                opt_model,
+                backbone_lr=args.learning_rate,
+                head_lr=getattr(args, "head_learning_rate", None),
+                layer_decay=getattr(args, "layer_decay", 1.0),
+                weight_decay=args.weight_decay,
+                coarse=getattr(args, "block_granularity", "block") == "stage",
+            )
+            self.optimizer = create_optimizer(
+                groups,
+                getattr(args, "optim_name", "adamw"),
+                betas=(args.adam_beta1, args.adam_beta2) if getattr(args, "optim_name", "adamw") == "adamw" else None,
+                eps=args.adam_epsilon,
+            )
+            if self.is_world_process_zero():
+                logger.info(
+                    "optimizer %s param groups:\n%s", type(self.optimizer).__name__, describe_param_groups(groups)
+                )
+        return self.optimizer
+
+    # ---- loss and training step ----------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Loss of the model's logits under `self.loss_fn`; training batches go through `batch_mixer` first."""
+        inputs = dict(inputs)
+        labels = inputs.pop("labels", None)
+        if model.training:
+            self._keep_gated_batchnorm_frozen(model)
+            if self.batch_mixer is not None and labels is not None and "pixel_values" in inputs:
+                inputs["pixel_values"], labels = self.batch_mixer(inputs["pixel_values"], labels)
+        outputs = model(**inputs)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        if labels is None:
+            raise ValueError("HistoTrainer needs `labels` in every batch")
+        loss = self.loss_fn(logits, labels)
+        return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Forward/backward, then drop the gradients of gated (not yet unfrozen) blocks before clipping."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.optimizer is not None:
+            drop_gated_gradients(self.optimizer)
+        return loss
+
+    def _keep_gated_batchnorm_frozen(self, model: nn.Module) -> None:
+        # Gated blocks keep their BatchNorm running statistics, as requires_grad=False freezing would.
+        if self.optimizer is None:
+            return
+        gated = {id(p) for p in gated_parameters(self.optimizer)}
+        if not gated:
+            return
+        for module in model.modules():
+            weight = getattr(module, "weight", None)
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and weight is not None and id(weight) in gated:
+                module.eval()
+
+    def _get_train_sampler(self, train_dataset=None):
+        if getattr(self.args, "balanced_sampler", False):
+            dataset = self.train_dataset if train_dataset is None else train_dataset
+            labels = dataset_column(dataset, "label") or dataset_column(dataset, "labels")
+            if labels is None:
+                raise ValueError("--balanced_sampler needs a `label` column in the train dataset")
+            return BalancedSampler(labels, seed=self.args.seed)
+        return super()._get_train_sampler(train_dataset)
+
+    # ---- evaluation ----------------------------------------------------------------------------------------
+    def evaluation_loop(self, dataloader, *args, **kwargs):
+        """Bind the streaming image-level metrics to the dataset about to be evaluated."""
+        if isinstance(self.compute_metrics, ImageLevelMetrics):
+            self.compute_metrics.start(getattr(dataloader, "dataset", None))
+        return super().evaluation_loop(dataloader, *args, **kwargs)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """With `--tta flips|d4`, average softmax over flipped/rotated views (returned as log-probabilities)."""
+        tta = getattr(self.args, "tta", "none")
+        if tta == "none" or "pixel_values" not in inputs:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        labels = inputs.get("labels")
+        with torch.no_grad(), self.compute_loss_context_manager():
+            probs = None
+            views = tta_views(inputs["pixel_values"], tta)
+            for view in views:
+                outputs = model(pixel_values=view)
+                logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+                p = torch.softmax(logits.float(), dim=-1)
+                probs = p if probs is None else probs + p
+            log_probs = (probs / len(views)).clamp_min(1e-12).log()
+            loss = self.loss_fn(log_probs, labels).detach() if labels is not None else None
+        return (loss, None if prediction_loss_only else log_probs, labels)
+
+
+def _base(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, (np.floating, float)):
+        value = float(value)
+        return None if np.isnan(value) else value
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def final_model(trainer: Trainer) -> nn.Module:
+    """The plain classifier to save: unwrapped from DDP, out of a `HeadOnlyModel`, LoRA merged."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    model = getattr(model, "full_model", model)
+    if hasattr(model, "merge_and_unload"):
+        from ..models import merge_lora
+
+        model = merge_lora(model)
+    return model
+
+
+def finalize_run(
+    trainer: Trainer,
+    eval_dataset: Any = None,
+    output_dir: str | Path | None = None,
+    run_info: dict[str, Any] | None = None,
+    save_model: bool = True,
+) -> dict[str, Any]:
+    """Evaluate the final (best) model and write the run's artefacts to `output_dir`.
+
+    Writes `metrics.json` (`{"image": {...}, "patch": {...}}` with `macro_f1`, `balanced_accuracy`, `accuracy`,
+    `auroc`, `kappa`, `per_class_f1`, `confusion_matrix`, plus `image_macro_f1_ci`, the bootstrap 95% CI),
+    `confusion_matrix.png` (image level), `training_curves.png`, `image_predictions.json` (per-image
+    probabilities, used by cross-validation) and the model (LoRA merged, config with patching, aggregation and
+    labels) with its image processor.
+
+    Args:
+        trainer: A trained `HistoTrainer`.
+        eval_dataset: Dataset to score (default: the trainer's eval dataset).
+        output_dir: Where to write (default: `trainer.args.output_dir`).
+        run_info: Extra JSON-able facts stored under `"run"` (recipe name, data and model arguments).
+        save_model: Save the model and processor.
+
+    Returns:
+        The content of `metrics.json`.
+    """
+    output_dir = Path(output_dir or trainer.args.output_dir)
+    metrics_fn = trainer.compute_metrics
+    if not isinstance(metrics_fn, ImageLevelMetrics):
+        raise ValueError("finalize_run needs a HistoTrainer with ImageLevelMetrics as compute_metrics")
+    eval_metrics = trainer.evaluate(eval_dataset)
+    result = metrics_fn.last
+    if result is None:
+        raise ValueError("the evaluation produced no predictions (empty eval dataset?)")
+    labels = metrics_fn.labels
+    y_true = result["image_labels"]
+    keep = y_true >= 0
+    y_pred = np.asarray(result["image_probs"]).argmax(axis=1)
+    args = trainer.args
+    ci = (
+        bootstrap_ci(y_true[keep], y_pred[keep], "macro_f1", n_boot=getattr(args, "n_bootstrap", 1000), seed=args.seed)
+        if keep.any()
+        else (None, None)
+    )
+    image = dict(result["image"])
+    image["macro_f1_ci"] = list(ci)
+    payload = {
+        "image": image,
+        "patch": result["patch"],
+        "image_macro_f1_ci": list(ci),
+        "aggregation": result["aggregation"],
+        "labels": labels,
+        "eval_loss": eval_metrics.get("eval_loss"),
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "global_step": trainer.state.global_step,
+        "epoch": trainer.state.epoch,
+        "run": run_info or {},
+    }
+    payload = _jsonable(payload)
+    predictions = _jsonable(
+        {
+            "labels": labels,
+            "aggregation": result["aggregation"],
+            "image_ids": result["image_ids"],
+            "image_labels": y_true,
+            "image_probs": result["image_probs"],
+        }
+    )
+    model = final_model(trainer) if save_model else None
+    if trainer.is_world_process_zero():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(output_dir / "metrics.json", json.dumps(payload, indent=2) + "\n")
+        atomic_write_text(output_dir / "image_predictions.json", json.dumps(predictions) + "\n")
+        plot_confusion_matrix(
+            image["confusion_matrix"],
+            labels,
+            output_dir / "confusion_matrix.png",
+            title=f"image level ({result['aggregation']} voting), macro-F1 {image['macro_f1']:.3f}",
+        )
+        plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
+        if model is not None:
+            model.save_pretrained(output_dir)
+            if trainer.processing_class is not None:
+                trainer.processing_class.save_pretrained(output_dir)
+    trainer.accelerator.wait_for_everyone()
+    return payload

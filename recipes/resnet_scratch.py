@@ -1,0 +1,77 @@
+"""A small ResNet trained from scratch with Lion on 224 px tiles, hard voting (seed 001's from-scratch system).
+
+The seed's from-scratch network: 2 stacks x 3 basic residual blocks starting at 32 filters, Lion, dropout 0.5,
+224 x 224 tiles keeping those with >= 200 mask pixels, each tile labelled with its image's label. The defaults are
+tuned to give a strong result on a small real set in <= 15 minutes on 2 CPU cores: tiles overlap by half, are
+shrunk to 128 px inputs, and the learning rate is much higher than the seed's 1e-5 (which needs hundreds of
+epochs from scratch).
+
+Launch:
+
+    python recipes/resnet_scratch.py --data_dir ../shared/data/glas_train --output_dir runs/resnet
+    accelerate launch recipes/resnet_scratch.py --data_dir DATA --output_dir OUT --n_folds 5   # grouped 5-fold CV
+    python recipes/resnet_scratch.py --data_dir DATA --output_dir OUT --strategy whole         # whole images
+
+Any TrainingArguments flag works; --config run.yaml reads arguments from a file.
+"""
+
+from transformers import set_seed
+
+from hf_histo.data.transforms import PatchCollator, build_batch_mixer
+from hf_histo.training.arguments import parse_args
+from hf_histo.training.cross_validation import run_cross_validation
+from hf_histo.training.run import build_datasets, build_model, run_info, setup_logging, with_patch_transforms
+from hf_histo.training.trainer import HistoTrainer, finalize_run
+
+RECIPE_DEFAULTS = dict(
+    model_name_or_path="resnet",  # the table's scratch ResNet: 2 stages x 3 basic blocks, 32/64 filters
+    demo_model="tiny-resnet",
+    strategy="grid",  # 224 px tiles with >= 200 mask pixels (seed 001)
+    patch_size=224,
+    stride=112,  # half-overlapping tiles: ~2.5x more patches for a from-scratch network
+    min_foreground=200,
+    image_size=128,  # tiles shrunk to 128 px: 3x faster on CPU; use 224 on a GPU
+    augment="flips",  # flips + quarter turns (tissue has no orientation); "histo" adds crops and stain jitter
+    optim_name="lion",  # the seed's choice for CNNs from scratch
+    learning_rate=1e-3,  # Lion from scratch in a few epochs; the seed's 1e-5 needs far longer schedules
+    weight_decay=0.05,
+    dropout=0.5,  # before the linear head (seed: 0.5 for stable validation)
+    loss="ce",  # the seed found weighted CE / focal worse on its test set
+    aggregation="hard",  # majority vote of tiles (+0.7 F1 over mask-weighted soft voting in the seed)
+    num_train_epochs=12,
+    per_device_train_batch_size=32,
+    per_device_eval_batch_size=64,
+    lr_scheduler_type="cosine",
+    warmup_steps=0.05,
+    val_fraction=0.2,
+)
+
+
+def main(data_args, model_args, training_args):
+    setup_logging(training_args)
+    set_seed(training_args.seed)
+    with training_args.main_process_first(desc="patch dataset"):
+        data = build_datasets(data_args, seed=training_args.seed)
+    labels = data["train"].features["label"].names
+    model, processor = build_model(model_args, labels, patching=data_args.patching(), image_size=data_args.image_size)
+    train_dataset, eval_dataset = with_patch_transforms(data, processor, data_args)
+
+    trainer = HistoTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=PatchCollator(),
+        processing_class=processor,
+        batch_mixer=build_batch_mixer(len(labels), data_args.cutmix_alpha, data_args.mixup_alpha, data_args.mix_prob),
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    return finalize_run(trainer, run_info=run_info("resnet_scratch", data_args, model_args, training_args))
+
+
+if __name__ == "__main__":
+    data_args, model_args, training_args = parse_args(RECIPE_DEFAULTS)
+    if data_args.n_folds and data_args.fold is None:
+        run_cross_validation(main, data_args, model_args, training_args)
+    else:
+        main(data_args, model_args, training_args)

@@ -1,0 +1,127 @@
+"""Tests of the frozen-backbone embedding cache: same predictions as the full model, cache keys, head training."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForImageClassification
+
+from hf_histo.data.builder import load_patch_dataset
+from hf_histo.data.synthetic import make_synthetic_dataset
+from hf_histo.data.transforms import PatchCollator, build_transforms, input_spec, tta_views
+from hf_histo.training.arguments import HistoTrainingArguments, ModelArguments
+from hf_histo.training.embeddings import (
+    HeadOnlyModel,
+    cached_views_for,
+    compute_embeddings,
+    prepare_cached_head,
+)
+from hf_histo.training.run import build_model
+from hf_histo.training.trainer import HistoTrainer, finalize_run
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_embeddings")
+    data_dir = make_synthetic_dataset(root / "data", n_train=10, n_test=0, size_range=(160, 224), seed=1)
+    data = load_patch_dataset(data_dir, strategy="grid", patch_size=64, val_fraction=0.3, cache_dir=root / "cache")
+    labels = data["train"].features["label"].names
+    torch.manual_seed(0)
+    model, processor = build_model(
+        ModelArguments(model_name_or_path="tiny-vit", freeze="backbone", head="deep", head_hidden=16, head_layers=2),
+        labels,
+    )
+    return root, data, model.eval(), processor
+
+
+def _pixels(dataset, processor):
+    transform = build_transforms(input_spec(processor), train=False)
+    return torch.stack([transform(row["image"].convert("RGB")) for row in dataset])
+
+
+def test_cached_path_gives_the_full_models_predictions(setup):
+    root, data, model, processor = setup
+    cached = compute_embeddings(model, data["validation"], processor, views="none", batch_size=7)
+    head = HeadOnlyModel(model).eval()
+    with torch.no_grad():
+        from_cache = head(embeddings=cached[:]["embeddings"]).logits
+        full = model(pixel_values=_pixels(data["validation"], processor)).logits
+    assert cached[:]["embeddings"].shape[:2] == (len(data["validation"]), 1)
+    torch.testing.assert_close(from_cache, full, atol=1e-5, rtol=1e-4)
+    assert cached[:]["labels"].tolist() == list(data["validation"]["label"])
+    assert list(cached.with_format(None)["image_id"]) == list(data["validation"]["image_id"])
+
+
+def test_cached_views_give_the_full_models_tta(setup):
+    root, data, model, processor = setup
+    views, train_views, eval_views = cached_views_for("flips", "flips")
+    assert (views, train_views, eval_views) == ("d4", list(range(8)), [0, 4, 6])
+    cached = compute_embeddings(model, data["validation"], processor, views=views)
+    head = HeadOnlyModel(model, eval_views=eval_views).eval()
+    pixels = _pixels(data["validation"], processor)
+    with torch.no_grad():
+        from_cache = head(embeddings=cached[:]["embeddings"]).logits.exp()
+        full = torch.stack([torch.softmax(model(pixel_values=v).logits, -1) for v in tta_views(pixels, "flips")])
+    torch.testing.assert_close(from_cache, full.mean(0), atol=1e-5, rtol=1e-4)
+
+
+def test_cache_is_reused_and_keyed_by_the_backbone_weights(setup, monkeypatch):
+    root, data, model, processor = setup
+    first = compute_embeddings(model, data["train"], processor)
+    files = sorted(root.rglob("embeddings-*.arrow"))
+    assert files, "the cache is stored next to the dataset's Arrow files"
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("a cache hit must not run the backbone")
+
+    monkeypatch.setattr(model, "embed", no_forward)
+    again = compute_embeddings(model, data["train"], processor)
+    torch.testing.assert_close(again[:]["embeddings"], first[:]["embeddings"])
+    monkeypatch.undo()
+    other = json.loads(model.config.to_json_string())  # noqa: F841  (the config is part of the key too)
+    with torch.no_grad():
+        model.backbone.embeddings.cls_token.add_(0.5)
+    try:
+        changed = compute_embeddings(model, data["train"], processor)
+        assert len(sorted(root.rglob("embeddings-*.arrow"))) == len(files) + 1
+        assert not torch.allclose(changed[:]["embeddings"], first[:]["embeddings"])
+    finally:
+        with torch.no_grad():
+            model.backbone.embeddings.cls_token.sub_(0.5)
+    in_memory = compute_embeddings(model, data["train"].select(range(3)).flatten_indices(keep_in_memory=True), 32)
+    assert len(in_memory) == 3
+
+
+def test_head_trains_on_the_cache_and_saves_a_full_model(setup, tmp_path):
+    root, data, model, processor = setup
+    head_model, train, evaluation = prepare_cached_head(model, data, processor, augment="flips", tta="none")
+    assert set(head_model.state_dict()) == {f"classifier.{k}" for k in model.classifier.state_dict()}
+    before = model.classifier[0].weight.detach().clone()
+    args = HistoTrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        use_cpu=True,
+        seed=0,
+        num_train_epochs=2,
+        learning_rate=1e-2,
+        per_device_train_batch_size=16,
+        report_to="none",
+        disable_tqdm=True,
+        n_bootstrap=20,
+    )
+    trainer = HistoTrainer(
+        model=head_model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        data_collator=PatchCollator(input_name="embeddings"),
+        processing_class=processor,
+    )
+    trainer.train()
+    metrics = finalize_run(trainer)
+    assert not torch.equal(before, model.classifier[0].weight)  # the shared head of the full model trained
+    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "run").eval()
+    with torch.no_grad():
+        full = reloaded(pixel_values=_pixels(data["validation"], processor)).logits
+        cached = head_model.eval()(embeddings=evaluation[:]["embeddings"]).logits
+    torch.testing.assert_close(full, cached, atol=1e-5, rtol=1e-4)
+    assert metrics["image"]["n"] == len(set(data["validation"]["image_id"]))
