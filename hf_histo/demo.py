@@ -1,0 +1,304 @@
+"""`hf-histo demo`: the whole product (data -> inspect -> clean -> train -> evaluate -> predict -> explain) offline."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import runpy
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .utils import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+RECIPE_PATH = Path(__file__).resolve().parents[1] / "recipes" / "phikon_frozen.py"
+
+# Sizes of the generated data and of the training run; `quick` is for tests.
+FULL = {"n_train": 64, "n_test": 24, "size_range": (256, 448), "epochs": 20, "explain": 6}
+QUICK = {"n_train": 16, "n_test": 8, "size_range": (192, 288), "epochs": 2, "explain": 2}
+
+
+def _say(message: str) -> None:
+    """Print a demo step (the demo is an interactive command) and log it."""
+    print(f"[hf-histo demo] {message}", flush=True)
+    logger.info(message)
+
+
+def local_phikon() -> str | None:
+    """The local folder of `owkin/phikon` when it is already in the HF cache (never downloads).
+
+    Returns:
+        The snapshot folder, or None when the weights are not cached.
+    """
+    try:
+        from huggingface_hub import snapshot_download, try_to_load_from_cache
+
+        config = try_to_load_from_cache("owkin/phikon", "config.json")
+        if not isinstance(config, str):
+            return None
+        folder = snapshot_download("owkin/phikon", local_files_only=True)
+    except Exception:  # noqa: BLE001 - any cache miss or offline error means "not available"
+        return None
+    folder_path = Path(folder)
+    has_weights = any((folder_path / name).is_file() for name in ("model.safetensors", "pytorch_model.bin"))
+    return str(folder_path) if has_weights else None
+
+
+def _step(name: str, fn: Callable[[], Any], skipped: list[str]) -> Any:
+    """Run an optional step; on ImportError (module not available) log and record the skip.
+
+    Returns:
+        The step's result, or None when skipped.
+    """
+    try:
+        return fn()
+    except ImportError as error:
+        note = f"{name}: skipped ({error})"
+        _say(note)
+        skipped.append(note)
+        return None
+
+
+def write_test_manifest(data_dir: Path) -> Path:
+    """Write a manifest of the test images with their held-out labels (from `test_labels.csv`).
+
+    Args:
+        data_dir: A folder written by `make_synthetic_dataset`.
+
+    Returns:
+        The manifest path (`data_dir/test_manifest.csv`).
+    """
+    labels_csv = data_dir / "test_labels.csv"
+    with open(labels_csv, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["image_id", "image_path", "mask_path", "label", "group_id", "split"])
+    for row in rows:
+        name = row["sample_index"]
+        mask = name.replace("img_", "mask_", 1)
+        image_id = Path(name).stem
+        writer.writerow([image_id, f"test_data/{name}", f"test_data/{mask}", row["label"], image_id, "train"])
+    path = data_dir / "test_manifest.csv"
+    atomic_write_text(path, out.getvalue())
+    return path
+
+
+def _train(manifest: Path, model_dir: Path, backbone: str, epochs: int, seed: int) -> dict[str, Any]:
+    """Train the `phikon_frozen` recipe (its own `main` and defaults) on the clean manifest.
+
+    Returns:
+        The recipe's `metrics.json` content (validation split).
+    """
+    if not RECIPE_PATH.is_file():
+        raise FileNotFoundError(f"{RECIPE_PATH} not found; the demo runs the repository's phikon_frozen recipe")
+    recipe = runpy.run_path(str(RECIPE_PATH), run_name="hf_histo_demo_recipe")
+    from .training.arguments import parse_args
+
+    argv = [
+        "--data_dir", str(manifest),
+        "--output_dir", str(model_dir),
+        "--model_name_or_path", backbone,
+        "--augment", "flips",  # a finite set of views + no CutMix: the head trains on cached embeddings
+        "--cutmix_alpha", "0",
+        "--tta", "none",
+        "--num_train_epochs", str(epochs),
+        "--per_device_train_batch_size", "32",
+        "--per_device_eval_batch_size", "64",
+        "--learning_rate", "1e-3",
+        "--val_fraction", "0.2",
+        "--n_bootstrap", "200",
+        "--seed", str(seed),
+        "--save_total_limit", "1",
+        "--dataloader_num_workers", "0",
+        "--use_cpu", "true",
+        "--cache_dir", str(model_dir.parent / "cache"),
+    ]  # fmt: skip
+    data_args, model_args, training_args = parse_args(recipe["RECIPE_DEFAULTS"], argv=argv)
+    return recipe["main"](data_args, model_args, training_args)
+
+
+def _image_f1(result: dict[str, Any] | None) -> float | None:
+    if not result:
+        return None
+    value = result.get("image", {}).get("macro_f1")
+    return float(value) if value is not None else None
+
+
+def run_demo(out_dir: str | Path = "hf_histo_demo", quick: bool = False, seed: int = 0) -> dict[str, Any]:
+    """Run the whole product on generated data and report what it wrote.
+
+    Steps: generate synthetic H&E-like images (challenge layout), inspect them, clean them (clean manifest),
+    train the `phikon_frozen` recipe (a tiny random ViT, or owkin/phikon when already cached locally; the
+    patch dataset is built by `load_patch_dataset` inside the recipe), evaluate at image level on the
+    held-out test images, predict `submission.csv`, write explanation PNGs, print a summary table.
+
+    Args:
+        out_dir: Folder for everything the demo writes.
+        quick: Smaller data and 2 epochs (for tests, well under a minute).
+        seed: Seed of the data and the run.
+
+    Returns:
+        Summary dict: `paths` (name -> path), `image_macro_f1` (test), `val_image_macro_f1`, `backbone`,
+        `skipped` (notes on skipped steps), `wall_time_s`.
+    """
+    start = time.perf_counter()
+    sizes = QUICK if quick else FULL
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, str] = {}
+    skipped: list[str] = []
+
+    from .data.synthetic import make_synthetic_dataset
+
+    data_dir = out / "data"
+    _say(f"1/7 generating {sizes['n_train']} train + {sizes['n_test']} test synthetic images in {data_dir}")
+    make_synthetic_dataset(
+        data_dir, n_train=sizes["n_train"], n_test=sizes["n_test"], seed=seed, size_range=sizes["size_range"],
+        overwrite=True,
+    )  # fmt: skip
+    paths["data"] = str(data_dir)
+
+    def inspect() -> Any:
+        from .data.inspect import inspect_dataset
+
+        report = inspect_dataset(data_dir, out / "inspection", strategies=("topk",), patch_size=128, stride=64)
+        print(report.table(), flush=True)
+        return report
+
+    _say("2/7 inspecting the data")
+    if _step("inspect", inspect, skipped) is not None:
+        paths["inspection"] = str(out / "inspection")
+
+    from .data.cleaning import clean_dataset
+
+    _say("3/7 cleaning (duplicates, non-tissue, artifacts)")
+    cleaning = clean_dataset(data_dir, out / "cleaning")
+    manifest = out / "cleaning" / "clean_manifest.csv"
+    paths["clean_manifest"] = str(manifest)
+    _say(f"    flagged {len(cleaning.flagged_ids)} image(s)")
+
+    phikon = local_phikon()
+    backbone = phikon or "tiny-vit"
+    if phikon is None:
+        note = "owkin/phikon is not in the local HF cache: a tiny randomly initialised ViT stands in for it"
+        _say(note)
+        skipped.append(note)
+    model_dir = out / "model"
+    _say(f"4/7 patches (load_patch_dataset) + training phikon_frozen on {backbone} for {sizes['epochs']} epochs")
+    val_metrics = _train(manifest, model_dir, backbone, sizes["epochs"], seed)
+    paths["model"] = str(model_dir)
+    paths["val_metrics"] = str(model_dir / "metrics.json")
+
+    test_manifest = write_test_manifest(data_dir)
+    _say("5/7 evaluating at image level on the held-out test images")
+    test_metrics_path = out / "test_metrics.json"
+    test_metrics = _step(
+        "evaluate",
+        lambda: __import__("hf_histo.training.evaluate", fromlist=["evaluate_model"]).evaluate_model(
+            model_dir, test_manifest, test_metrics_path
+        ),
+        skipped,
+    )
+    if test_metrics is not None:
+        paths["test_metrics"] = str(test_metrics_path)
+
+    from .hub import write_model_card
+
+    card = write_model_card(
+        model_dir,
+        metrics=test_metrics or val_metrics,
+        data_info={"name": "hf-histo synthetic demo data", "n_train": sizes["n_train"], "n_test": sizes["n_test"]},
+    )
+    paths["model_card"] = str(card)
+
+    _say("6/7 predicting submission.csv for the test images")
+    submission = out / "submission.csv"
+
+    def predict() -> Path:
+        from .inference.predict import predict_folder
+
+        return predict_folder(model_dir, test_manifest, submission)
+
+    if _step("predict", predict, skipped) is not None:
+        paths["submission"] = str(submission)
+    if test_metrics is None and submission.is_file():
+        test_metrics = _score_submission(submission, data_dir / "test_labels.csv", test_metrics_path)
+        paths["test_metrics"] = str(test_metrics_path)
+
+    _say("7/7 writing explanation PNGs")
+
+    def explain() -> list[Path]:
+        from .inference.explain import explain_folder
+
+        return explain_folder(model_dir, test_manifest, out / "explain", max_images=sizes["explain"])
+
+    pngs = _step("explain", explain, skipped)
+    if pngs is not None:
+        paths["explain"] = str(out / "explain")
+
+    summary = {
+        "backbone": backbone,
+        "image_macro_f1": _image_f1(test_metrics),
+        "image_accuracy": (test_metrics or {}).get("image", {}).get("accuracy"),
+        "val_image_macro_f1": _image_f1(val_metrics),
+        "n_train": sizes["n_train"],
+        "n_test": sizes["n_test"],
+        "paths": paths,
+        "skipped": skipped,
+        "wall_time_s": round(time.perf_counter() - start, 1),
+    }
+    paths["summary"] = str(out / "demo_summary.json")
+    atomic_write_text(out / "demo_summary.json", json.dumps(summary, indent=2) + "\n")
+    print(_table(summary), flush=True)
+    return summary
+
+
+def _score_submission(submission: Path, labels_csv: Path, out_path: Path) -> dict[str, Any]:
+    """Image-level metrics of a submission against the held-out labels (fallback when evaluate is missing)."""
+    import numpy as np
+
+    from .training.metrics import classification_metrics
+
+    def read(path: Path) -> dict[str, str]:
+        with open(path, newline="", encoding="utf-8") as f:
+            return {Path(r["sample_index"]).stem: r["label"] for r in csv.DictReader(f)}
+
+    truth, pred = read(labels_csv), read(submission)
+    names = sorted(set(truth.values()))
+    ids = sorted(truth)
+    y_true = [names.index(truth[i]) for i in ids]
+    probs = np.zeros((len(ids), len(names)))
+    for row, image_id in enumerate(ids):
+        if pred.get(image_id) in names:
+            probs[row, names.index(pred[image_id])] = 1.0
+    result = {"image": classification_metrics(y_true, probs, labels=names)}
+    atomic_write_text(out_path, json.dumps(result, indent=2, default=float) + "\n")
+    return result
+
+
+def _table(summary: dict[str, Any]) -> str:
+    """The summary table printed at the end of the demo."""
+
+    def fmt(value: Any) -> str:
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    rows = [
+        ("backbone", summary["backbone"]),
+        ("images (train / test)", f"{summary['n_train']} / {summary['n_test']}"),
+        ("validation image macro-F1", fmt(summary["val_image_macro_f1"])),
+        ("test image macro-F1", fmt(summary["image_macro_f1"])),
+        ("test image accuracy", fmt(summary["image_accuracy"])),
+        ("wall time (s)", fmt(summary["wall_time_s"])),
+    ]
+    rows += [(name, path) for name, path in summary["paths"].items()]
+    rows += [("skipped", note) for note in summary["skipped"]]
+    width = max(len(name) for name, _ in rows)
+    lines = ["", "hf-histo demo summary", "-" * (width + 40)]
+    lines += [f"{name:<{width}}  {value}" for name, value in rows]
+    return "\n".join(lines)
