@@ -93,9 +93,8 @@ def main() -> None:
         print(
             f"cleaned {args.n} images in {elapsed:.1f} s: {args.n / elapsed:.1f} images/s with {args.workers} workers"
         )
-        print(
-            f"peak RSS: main process {own:.0f} MiB (before cleaning {base_rss:.0f} MiB), largest worker {child:.0f} MiB"
-        )
+        workers = f", largest worker {child:.0f} MiB (shares the parent's pages)" if args.workers > 1 else ""
+        print(f"peak RSS: main process {own:.0f} MiB (after imports, before cleaning: {base_rss:.0f} MiB){workers}")
         print(f"flagged: {len(result.flags)} {counts}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

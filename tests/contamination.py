@@ -6,6 +6,7 @@ import colorsys
 import csv
 import io
 import math
+import os
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -13,7 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont
 
-GLAS_TRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "glas_train"
+SHARED_DATA = Path(os.environ.get("HF_HISTO_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+GLAS_TRAIN = SHARED_DATA / "glas_train"
 
 KINDS = ("cartoon", "cartoon_blend", "blob", "duplicate", "near_duplicate", "label_conflict")
 
@@ -56,6 +58,7 @@ class ContaminationParams:
             (else a flipped/rotated copy with a transformed mask: no hash relation to the original).
         jpeg_quality: Quality range of the re-encoded near duplicates.
         near_dup_edits: Edits applied after the JPEG round trip (one drawn per image, ``none`` included).
+        drawing: Probability that a cartoon is a line drawing on paper instead of a coloured scene.
     """
 
     n_per_kind: int = 24
@@ -71,6 +74,7 @@ class ContaminationParams:
     blob_twin: float = 0.5
     jpeg_quality: tuple[int, int] = (80, 92)
     near_dup_edits: tuple[str, ...] = ("none", "resize", "crop", "brightness", "contrast")
+    drawing: float = 0.25
 
 
 DEV_PARAMS = ContaminationParams()
@@ -84,6 +88,7 @@ HELDOUT_PARAMS = ContaminationParams(
     blob_area=(0.02, 0.12),
     blob_count=(1, 2),
     jpeg_quality=(75, 90),
+    drawing=0.4,
 )
 
 
@@ -126,10 +131,42 @@ def _star(cx: float, cy: float, r: float, n: int, rot: float) -> list[tuple[floa
     return pts
 
 
+def make_drawing(size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
+    """A line drawing on paper: dark strokes (curves, circles, a face, scribbled text), a few pale washes."""
+    w, h = size
+    img = Image.new("RGB", size, tuple(int(v) for v in rng.integers(235, 256, 3)))
+    draw = ImageDraw.Draw(img)
+    ink = tuple(int(v) for v in rng.integers(0, 70, 3))
+    lw = int(rng.integers(2, 6))
+    for _ in range(int(rng.integers(1, 4))):  # pale washes
+        cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0.1, 0.3) * min(w, h)
+        wash = _hsv_color(rng, rng.uniform(0, 360), (0.1, 0.35), (0.85, 1))
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=wash)
+    for _ in range(int(rng.integers(6, 16))):  # strokes
+        pts = np.cumsum(rng.normal(0, 0.06 * min(w, h), (int(rng.integers(3, 9)), 2)), axis=0)
+        pts += (rng.uniform(0, w), rng.uniform(0, h))
+        draw.line([tuple(p) for p in pts], fill=ink, width=lw, joint="curve")
+    fr = rng.uniform(0.15, 0.3) * min(w, h)
+    fx, fy = rng.uniform(fr, w - fr), rng.uniform(fr, h - fr)
+    draw.ellipse([fx - fr, fy - fr * 1.1, fx + fr, fy + fr * 1.1], outline=ink, width=lw)
+    for side in (-1, 1):
+        ex, ey = fx + side * fr * 0.4, fy - fr * 0.3
+        draw.ellipse([ex - 6, ey - 6, ex + 6, ey + 6], fill=ink)
+    draw.arc([fx - fr * 0.5, fy, fx + fr * 0.5, fy + fr * 0.6], 20, 160, fill=ink, width=lw)
+    try:
+        font = ImageFont.load_default(size=int(rng.integers(16, 40)))
+        draw.text((rng.uniform(0, w * 0.5), rng.uniform(0, h * 0.9)), "lorem ipsum", fill=ink, font=font)
+    except OSError:  # no FreeType
+        pass
+    return img
+
+
 def make_cartoon(
     size: tuple[int, int], rng: np.random.Generator, params: ContaminationParams = DEV_PARAMS
 ) -> Image.Image:
     """Draw a procedural cartoon: a background scene, a face with outlines, shapes and text-like strokes."""
+    if rng.random() < params.drawing:
+        return make_drawing(size, rng)
     w, h = size
     img = Image.new("RGB", size, _random_color(rng))
     draw = ImageDraw.Draw(img)
@@ -306,11 +343,13 @@ def build_contaminated_copy(
     kinds: tuple[str, ...] = KINDS,
     params: ContaminationParams = DEV_PARAMS,
     n_per_kind: int | None = None,
+    names_first: bool = False,
 ) -> dict[str, str]:
     """Copy a table-layout folder and add contaminated samples; the source is only read.
 
-    Contaminated images are named ``<original id>_v<NNN>`` so that they sort after their original (the
-    cleaner keeps the first member of a duplicate group in image_id order).
+    Contaminated images are named ``<original id>_v<NNN>`` (they sort after their original), or
+    ``a<NNN>_<original id>`` with ``names_first`` (they sort first); either way they are written after the
+    originals are copied, so they are the newer files.
 
     Args:
         src: A table-layout folder (``images/``, ``masks/``, ``labels.csv`` with filename,label,patient_id).
@@ -319,6 +358,7 @@ def build_contaminated_copy(
         kinds: Kinds to generate (see ``KINDS``).
         params: The ranges to draw from (``DEV_PARAMS`` or ``HELDOUT_PARAMS`` or your own).
         n_per_kind: Overrides ``params.n_per_kind``.
+        names_first: Name contaminated images so that they sort before the originals.
 
     Returns:
         ``{image_id: kind}`` for every contaminated image (originals are not listed).
@@ -345,7 +385,7 @@ def build_contaminated_copy(
     counter = iter(range(10**6))
 
     def emit(o: _Original, kind: str, image: Image.Image, mask: Image.Image | Path | None, label: str, **save) -> None:
-        stem = f"{o.stem}_v{next(counter):03d}"
+        stem = f"a{next(counter):03d}_{o.stem}" if names_first else f"{o.stem}_v{next(counter):03d}"
         name = stem + ".png"
         image.save(dst / "images" / name, **({"compress_level": 1} | save))
         if isinstance(mask, Path):

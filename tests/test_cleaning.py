@@ -27,7 +27,6 @@ from hf_histo.data.sources import DataError, read_samples
 try:
     from contamination import (
         DEV_PARAMS,
-        GLAS_TRAIN,
         HELDOUT_PARAMS,
         build_contaminated_copy,
         make_cartoon,
@@ -38,7 +37,6 @@ try:
 except ImportError:  # tests/ imported as a package
     from tests.contamination import (
         DEV_PARAMS,
-        GLAS_TRAIN,
         HELDOUT_PARAMS,
         build_contaminated_copy,
         make_cartoon,
@@ -136,6 +134,39 @@ def test_aligned_similarity_sees_through_crops_and_reencoding():
     thumbs = [np.asarray(x.resize((64, 64), Image.BOX)) for x in (image, copy, _tissue(7, (400, 300)))]
     assert aligned_similarity(thumbs[0], thumbs[1]) > 0.8
     assert aligned_similarity(thumbs[0], thumbs[2]) < 0.5
+
+
+def _samples_and_features(images: dict[str, Image.Image], masks: dict[str, np.ndarray | None]):
+    from hf_histo.data.sources import Sample
+
+    ids = sorted(images)
+    samples = [Sample(Path(f"{i}.png"), None, "a", i, i) for i in ids]
+    return samples, [image_features(images[i], masks.get(i), image_id=i) for i in ids]
+
+
+def test_edited_twin_sharing_the_mask_is_flagged_even_when_it_sorts_first():
+    """A pale green paste (below the artifact detector's saturation) on a copy named to sort first."""
+    from hf_histo.data.cleaning import find_flags
+
+    images = {f"t{i}": _tissue(20 + i) for i in range(8)}
+    mask = np.zeros(SIZE[::-1], bool)
+    mask[40:120, 60:200] = True
+    images["a_pasted"] = _paste(images["t0"], (150, 185, 150), "ellipse", 0.08, 1.0)
+    assert artifact_regions(images["a_pasted"])[1] == 0.0
+    samples, feats = _samples_and_features(images, {"t0": mask, "a_pasted": mask})
+    flags = find_flags(samples, feats)
+    assert [(f.image_id, f.related_to) for f in flags] == [("a_pasted", "t0")]
+    assert flags[0].reason in ("artifact", "non_tissue", "shared_mask")
+
+
+def test_exact_duplicates_keep_the_first_in_image_id_order():
+    from hf_histo.data.cleaning import find_flags
+
+    images = {f"t{i}": _tissue(40 + i) for i in range(8)}
+    images["t3_copy"], images["a_copy"] = images["t3"], images["t5"]
+    samples, feats = _samples_and_features(images, {})
+    flags = {f.image_id: (f.reason, f.related_to) for f in find_flags(samples, feats, manual=["t7", "unknown"])}
+    assert flags == {"t3_copy": ("duplicate", "t3"), "t5": ("duplicate", "a_copy"), "t7": ("manual", "")}
 
 
 # ----------------------------------------------------------------------------------------- clean_dataset
@@ -304,10 +335,9 @@ def test_local_backbone_folder_is_loaded_offline(small_dataset, tmp_path):
 
 
 @pytest.fixture
-def glas() -> Path:
-    if not (GLAS_TRAIN / "labels.csv").is_file():
-        pytest.skip(f"real data not found at {GLAS_TRAIN} (../shared/data/glas_train); real-data tests skipped")
-    return GLAS_TRAIN
+def glas(shared_data) -> Path:
+    """The GlaS train folder from ../shared/data (the test is skipped when it is absent)."""
+    return shared_data("glas_train")
 
 
 def test_glas_originals_flag_nothing(glas, tmp_path):
@@ -324,9 +354,13 @@ def test_blob_pasting_helper_changes_only_a_region(glas):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("name", "seed", "params"), [("dev", 0, DEV_PARAMS), ("held-out", 1, HELDOUT_PARAMS)])
-def test_contaminated_glas_precision_recall(glas, tmp_path, name, seed, params):
-    truth = build_contaminated_copy(glas, tmp_path / "data", seed=seed, params=params)
+@pytest.mark.parametrize(
+    ("name", "seed", "params", "names_first"),
+    [("dev", 0, DEV_PARAMS, False), ("held-out", 1, HELDOUT_PARAMS, True)],
+)
+def test_contaminated_glas_precision_recall(glas, tmp_path, name, seed, params, names_first):
+    """Held-out: other seed and ranges, and contaminated files named to sort before the originals."""
+    truth = build_contaminated_copy(glas, tmp_path / "data", seed=seed, params=params, names_first=names_first)
     result = clean_dataset(tmp_path / "data", tmp_path / "out", progress=False)
     scores = score_flags({f.image_id: f.reason for f in result.flags}, truth)
     print(f"\n{name} contamination (seed {seed}):")

@@ -10,7 +10,14 @@ from .dataset import (
     CleaningResult,
     clean_dataset,
 )
-from .decisions import aligned_similarity, find_flags, near_duplicate_pairs, outlier_scores, robust_z
+from .decisions import (
+    aligned_similarity,
+    find_flags,
+    near_duplicate_pairs,
+    outlier_scores,
+    robust_z,
+    texture_twin_pairs,
+)
 from .features import FEATURE_NAMES, ImageFeatures, artifact_regions, image_features, stain_fraction, stream_features
 
 __all__ = [
@@ -35,4 +42,5 @@ __all__ = [
     "robust_z",
     "stain_fraction",
     "stream_features",
+    "texture_twin_pairs",
 ]

@@ -24,13 +24,14 @@ class CleaningConfig:
             64x64 grey thumbnails, over 3% steps of crop and scale, reaches this (distinct tissue: under 0.5).
         stain_hues: Hue ranges (degrees) of haematoxylin and eosin: purple/blue to pink/red.
         chromatic_saturation: Pixels less saturated than this (0-1) are grey/white, not coloured.
-        artifact_hues: Hue ranges (degrees) foreign to H&E: yellow, green, cyan.
+        artifact_hues: Hue ranges (degrees) foreign to H&E: yellow, green, cyan, sky blue.
         artifact_saturation: Minimum saturation (0-1) of an artifact pixel in ``artifact_hues``.
-        artifact_blue_hues: Vivid blue, next to haematoxylin: counts only when saturated and bright.
+        artifact_blue_hues: Blue next to haematoxylin's hues: counts only when saturated and bright.
         artifact_blue_saturation: Minimum saturation of a vivid-blue artifact pixel.
         artifact_blue_value: Minimum brightness (0-1) of a vivid-blue artifact pixel (nuclei are dark).
         artifact_min_region: Smallest region counted, as a fraction of the image.
-        artifact_min_solidity: Regions must be compact: area / convex-hull area at least this.
+        artifact_min_solidity: Regions must be compact: area / convex-hull area at least this (two touching
+            blobs make one region of solidity about 0.6).
         artifact_grow: Compact cores grow into adjacent non-H&E coloured pixels up to this distance (fraction
             of the longer side): the parts of a semi-transparent blob that turned brown over purple tissue.
         artifact_min_area: An image is flagged ``artifact`` when its regions cover at least this fraction.
@@ -47,9 +48,14 @@ class CleaningConfig:
         min_images_for_outliers: Below this many distinct images the outlier score is not computed.
         keep_tolerance: In a shared-mask group, members whose texture strength (log median gradient, minus 5x
             the non-H&E colour fraction) is within this of the best are equally tissue-like; among them one
-            without artifact, then the first in image_id order, is kept. 0.3 is a 35% texture difference:
+            without artifact, then the first (``keep_first``), is kept. 0.3 is a 35% texture difference:
             blending a cartoon at 50% over tissue halves it.
-        twin_pixel_change: Two members of a shared-mask group differ at a pixel of their 64x64 thumbnails when
+        keep_first: Of equally good duplicates the first is kept: ``"oldest"`` sorts by file modification
+            time (copies are usually newer than what they copy), then image_id; ``"image_id"`` by image_id only.
+        twin_texture_correlation: Two images are twins (one tissue under a blended cartoon or a paste) when the
+            correlation of their thumbnails' fine texture reaches this (blends: 0.5 and more; distinct tissue
+            images: under 0.1).
+        twin_pixel_change: Two twins differ at a pixel of their 64x64 thumbnails when
             a channel differs by more than this (0-255) ...
         twin_global_change: ... and differ globally (a cartoon twin, alone or blended) when at least this
             fraction of the thumbnail differs; below it the difference is a local paste (an artifact).
@@ -65,13 +71,13 @@ class CleaningConfig:
     near_duplicate_similarity: float = 0.75
     stain_hues: tuple[tuple[float, float], ...] = ((220.0, 360.0), (0.0, 30.0))
     chromatic_saturation: float = 0.12
-    artifact_hues: tuple[tuple[float, float], ...] = ((35.0, 200.0),)
+    artifact_hues: tuple[tuple[float, float], ...] = ((35.0, 222.0),)
     artifact_saturation: float = 0.3
-    artifact_blue_hues: tuple[tuple[float, float], ...] = ((200.0, 245.0),)
+    artifact_blue_hues: tuple[tuple[float, float], ...] = ((222.0, 245.0),)
     artifact_blue_saturation: float = 0.4
     artifact_blue_value: float = 0.6
     artifact_min_region: float = 0.001
-    artifact_min_solidity: float = 0.6
+    artifact_min_solidity: float = 0.4
     artifact_grow: float = 0.04
     artifact_min_area: float = 0.005
     artifact_max_area: float = 0.5
@@ -82,11 +88,17 @@ class CleaningConfig:
     artifact_outlier_z: float = 4.0
     min_images_for_outliers: int = 8
     keep_tolerance: float = 0.3
+    keep_first: str = "oldest"
+    twin_texture_correlation: float = 0.3
     twin_pixel_change: int = 24
     twin_global_change: float = 0.4
     num_workers: int | None = None
     thumbnail_size: int = 128
     contact_sheet_max: int = 120
+
+    def __post_init__(self):
+        if self.keep_first not in ("oldest", "image_id"):
+            raise ValueError(f"keep_first must be 'oldest' or 'image_id', got {self.keep_first!r}")
 
     def to_dict(self) -> dict:
         """The thresholds as a plain dict."""

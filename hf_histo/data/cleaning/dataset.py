@@ -49,6 +49,14 @@ class CleaningResult:
         """Ids of all flagged images."""
         return {f.image_id for f in self.flags}
 
+    def summary(self) -> str:
+        """The text of ``summary.txt``."""
+        return self.files["summary"].read_text(encoding="utf-8")
+
+    def counts(self) -> dict[str, int]:
+        """Flagged images per reason, only the reasons found (e.g. for a model card)."""
+        return {reason: len(flags) for reason, flags in self.by_reason().items() if flags}
+
     def by_reason(self) -> dict[str, list[Flag]]:
         """Flags grouped by reason (every reason is a key, possibly with no flags)."""
         out: dict[str, list[Flag]] = {r: [] for r in REASONS}
@@ -86,9 +94,9 @@ def clean_dataset(
     - ``summary.txt`` and ``contact_sheet_<reason>.png`` for each reason found: thumbnails of the flagged
       image (and of its related image) with reason and score.
 
-    Within a group of duplicates the first in image_id order is kept (unless it is flagged for content);
-    within an identical-mask group the most tissue-like member is. The train split is checked (all samples
-    when there is none); test samples always pass through to the manifest.
+    Of a group of duplicates the most tissue-like member is kept, and of equals the oldest file, then the first
+    in image_id order (``config.keep_first``): a copy is usually newer than what it copies. The train split is
+    checked (all samples when there is none); test samples always pass through to the manifest.
 
     Args:
         data_dir: A data folder in any layout ``read_samples`` reads, or a clean manifest.
@@ -111,7 +119,7 @@ def clean_dataset(
     cfg = config or CleaningConfig()
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     sample_set = read_samples(data_dir, layout=layout)
-    checked = sorted(sample_set.train or sample_set.samples, key=lambda s: s.image_id)
+    checked = _data_order(sample_set.train or sample_set.samples, cfg.keep_first)
     checked_ids = {s.image_id for s in checked}
     manual: set[str] = set()
     if manual_exclusions is not None:
@@ -164,6 +172,15 @@ def clean_dataset(
     return result
 
 
+def _data_order(samples: Sequence[Sample], keep_first: str) -> list[Sample]:
+    """Samples in the order that decides which of identical images is kept (the first)."""
+    if keep_first == "image_id":
+        return sorted(samples, key=lambda s: s.image_id)
+    if keep_first == "oldest":
+        return sorted(samples, key=lambda s: (Path(s.image_path).stat().st_mtime_ns, s.image_id))
+    raise ValueError(f"keep_first must be 'oldest' or 'image_id', got {keep_first!r}")
+
+
 def _relative_or_absolute(path: Path | None, base: Path) -> str:
     if path is None:
         return ""
@@ -206,16 +223,17 @@ def _contact_sheet(
     font = ImageFont.load_default()
     related: dict[str, Image.Image] = {}  # a kept image is often the twin of several flagged ones
     for k, flag in enumerate(flags):
-        x, y = (k % cols) * cell_w + 4, (k // cols) * cell_h + 4
-        box = boxes.get(flag.image_id) if flag.reason == "artifact" else None
-        sheet.paste(_thumbnail(samples[flag.image_id].image_path, size, box), (x, y))
+        x, y = (k % cols) * cell_w + 4, (k // cols) * cell_h + 2
         caption = f"{flag.image_id[:36]}\n{flag.reason} {flag.score:.3f}"
+        if flag.related_to:
+            caption += f"   kept: {flag.related_to[:24]}"
+        draw.multiline_text((x, y), caption, fill=(0, 0, 0), font=font, spacing=1)
+        box = boxes.get(flag.image_id) if flag.reason == "artifact" else None
+        sheet.paste(_thumbnail(samples[flag.image_id].image_path, size, box), (x, y + 28))
         if flag.related_to:
             if flag.related_to not in related:
                 related[flag.related_to] = _thumbnail(samples[flag.related_to].image_path, size)
-            sheet.paste(related[flag.related_to], (x + size + 4, y))
-            caption += f"  kept: {flag.related_to[:24]}"
-        draw.multiline_text((x, y + size + 2), caption, fill=(0, 0, 0), font=font, spacing=1)
+            sheet.paste(related[flag.related_to], (x + size + 4, y + 28))
     return sheet
 
 

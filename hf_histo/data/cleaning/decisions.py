@@ -7,11 +7,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 
 from ..sources import Sample
 from .config import REASONS, CleaningConfig, Flag
-from .features import GRADIENT_FEATURE, ImageFeatures, in_ranges
+from .features import GRADIENT_FEATURE, ImageFeatures
 
 _CROP_SCALES = (1.0, 0.97, 0.94, 0.91, 0.88)
 _POP8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint64)
@@ -113,7 +112,7 @@ def aligned_similarity(a: np.ndarray, b: np.ndarray, good_enough: float = 1.0) -
 
 
 def _crop_match(big: np.ndarray, small: np.ndarray, sy: float, sx: float) -> float:
-    """Best correlation of ``small`` with the windows of ``big`` enlarged by ``1/sy, 1/sx`` (``small`` a crop of it)."""
+    """Best correlation of ``small`` with the windows of ``big`` enlarged by ``1/sy, 1/sx`` (``small`` a crop)."""
     from scipy import ndimage
     from skimage.feature import match_template
 
@@ -149,6 +148,33 @@ def near_duplicate_pairs(features: Sequence[ImageFeatures], config: CleaningConf
                 sim = aligned_similarity(a, b, good_enough=config.near_duplicate_similarity)
                 if sim >= config.near_duplicate_similarity:
                     pairs.append((i, j, sim))
+    return pairs
+
+
+def _fine_texture(thumbnail: np.ndarray) -> np.ndarray:
+    """The thumbnail's grey high-pass (minus a 1.5 px blur), centred and of unit norm: what a flat overlay keeps."""
+    from scipy import ndimage
+
+    grey = _grey(thumbnail)
+    fine = grey - ndimage.gaussian_filter(grey, 1.5)
+    fine -= fine.mean()
+    return (fine / max(float(np.linalg.norm(fine)), 1e-6)).ravel()
+
+
+def texture_twin_pairs(features: Sequence[ImageFeatures], config: CleaningConfig) -> list[tuple[int, int]]:
+    """Index pairs whose thumbnails share their fine texture: the same tissue under a blended cartoon or a paste.
+
+    A cartoon blended at 50-70% over tissue keeps the tissue's fine texture (the cartoon is flat), so the
+    high-pass correlation with its source stays above 0.5, while distinct tissue images stay under 0.1.
+    """
+    fine = np.stack([_fine_texture(f.thumbnail) for f in features]).astype(np.float32)
+    pairs = []
+    for start in range(0, len(fine), 256):  # blocks keep the correlation matrix small
+        block = fine[start : start + 256] @ fine.T
+        for a, b in zip(*np.nonzero(block >= config.twin_texture_correlation)):
+            i = start + int(a)
+            if i < int(b):
+                pairs.append((i, int(b)))
     return pairs
 
 
@@ -218,14 +244,6 @@ def _changed(a: np.ndarray, b: np.ndarray, cfg: CleaningConfig) -> np.ndarray:
     return np.abs(a.astype(np.int16) - b.astype(np.int16)).max(axis=-1) > cfg.twin_pixel_change
 
 
-def _stain_likeness(thumb: np.ndarray, where: np.ndarray, cfg: CleaningConfig) -> float:
-    """Fraction of the thumbnail pixels in ``where`` that are H&E-coloured or colourless."""
-    hsv = np.asarray(Image.fromarray(thumb).convert("HSV"), dtype=np.float32)[where] / 255.0
-    if hsv.size == 0:
-        return 1.0
-    return float(((hsv[:, 1] < cfg.chromatic_saturation) | in_ranges(hsv[:, 0] * 360.0, cfg.stain_hues)).mean())
-
-
 def find_flags(
     samples: Sequence[Sample],
     features: Sequence[ImageFeatures],
@@ -236,7 +254,7 @@ def find_flags(
     """Decide which images to flag from their measurements.
 
     Args:
-        samples: The samples in data order (sorted image_id); parallel to ``features``.
+        samples: The samples in data order (of identical images the first is kept); parallel to ``features``.
         features: One ``ImageFeatures`` per sample.
         config: Thresholds (defaults when None).
         manual: Image ids to flag as ``manual``.
@@ -277,7 +295,7 @@ def find_flags(
             keeper[j] = members[0]
             add(j, duplicate_reason(j, members[0], "duplicate"), 1.0, members[0])
 
-    # Near duplicates among distinct images, grouped transitively; the first clean member is kept.
+    # Near duplicates among distinct images, grouped transitively; the first tissue-like member is kept.
     uf = _UnionFind(n)
     similarity: dict[tuple[int, int], float] = {}
     reps = sorted(set(keeper))
@@ -286,23 +304,28 @@ def find_flags(
         similarity[(reps[a], reps[b])] = sim
     copies: set[int] = set()
     for group in uf.groups():
-        keep = _choose_keeper(group, scores, cfg)
+        keep = _choose_keeper(group, scores, cfg, by_tissue=True)
         for j in group:
             if j != keep:
                 copies.add(j)
                 sim = similarity.get((min(j, keep), max(j, keep)), cfg.near_duplicate_similarity)
                 add(j, duplicate_reason(j, keep, "near_duplicate"), sim, keep)
 
-    # Identical masks on different images: keep the real tissue, flag the others.
+    # Twins: identical masks on different images, or images that share the fine texture of one tissue (a
+    # cartoon blended over it, a pasted blob). Keep the real tissue, flag the others.
+    twins = _UnionFind(n)
     by_mask: dict[str, list[int]] = {}
-    for i, f in enumerate(features):
-        if f.mask_hash is not None:
-            by_mask.setdefault(f.mask_hash, []).append(i)
+    for i in reps:
+        if features[i].mask_hash is not None:
+            by_mask.setdefault(features[i].mask_hash, []).append(i)
     for members in by_mask.values():
-        distinct = sorted({keeper[i] for i in members})
-        if len(distinct) > 1:
-            for j, reason, score, keep in _shared_mask_group(distinct, features, scores, uf, copies, cfg):
-                add(j, reason, score, keep)
+        for j in members[1:]:
+            twins.union(members[0], j)
+    for a, b in texture_twin_pairs([features[i] for i in reps], cfg):
+        twins.union(reps[a], reps[b])
+    for group in twins.groups():
+        for j, reason, score, keep in _twin_group(group, features, scores, uf, copies, cfg):
+            add(j, reason, score, keep)
 
     index = {s.image_id: k for k, s in enumerate(samples)}
     for image_id in sorted(set(manual) & set(index)):
@@ -318,7 +341,7 @@ def find_flags(
     return sorted(flags, key=lambda f: f.image_id)
 
 
-def _shared_mask_group(
+def _twin_group(
     members: list[int],
     features: Sequence[ImageFeatures],
     scores: _Scores,
@@ -326,41 +349,39 @@ def _shared_mask_group(
     copies: set[int],
     cfg: CleaningConfig,
 ) -> list[tuple[int, str, float, int]]:
-    """Flags ``(index, reason, score, kept index)`` for the members of one identical-mask group.
+    """Flags ``(index, reason, score, kept index)`` for one group of twins (shared mask or shared texture).
 
-    The most tissue-like member is kept. Each other member is compared with it: a twin that differs everywhere
-    (a cartoon, alone or blended over the tissue) is ``shared_mask``; one that differs only in a compact region
-    is the real image with a pasted ``artifact`` (of the two, the one whose changed region is less H&E-coloured
-    is the pasted one); copies of the kept image are left to the near-duplicate rule.
+    The most tissue-like member is kept. Each other member is compared with it: one that differs only in a
+    compact region is the real image with a pasted ``artifact``; one that differs everywhere is ``shared_mask``
+    when it has the kept image's mask (a cartoon, alone or blended, or another image), else ``non_tissue``
+    when it is less tissue-like (a cartoon blended over the tissue) or ``near_duplicate`` (an edited copy).
+    Faithful copies of the kept image are left to the near-duplicate rule. A paste in H&E-like or colourless
+    tones is not told apart from the original: then the first in data order is kept.
     """
     keep = _choose_keeper([i for i in members if i not in copies] or members, scores, cfg, by_tissue=True)
-    for _ in range(len(members)):  # a locally edited twin may have been kept: swap (bounded)
-        for j in members:
-            if j == keep or j in copies or uf.find(j) == uf.find(keep) or scores.non_tissue[j] or scores.artifact[j]:
-                continue
-            a, b = features[keep].thumbnail, features[j].thumbnail
-            changed = _changed(a, b, cfg)
-            if changed.mean() < cfg.twin_global_change and (
-                _stain_likeness(a, changed, cfg) + 0.2 < _stain_likeness(b, changed, cfg)
-            ):
-                keep = j
-                break
-        else:
-            break
     out = []
     for j in members:
-        if j == keep or uf.find(j) == uf.find(keep):
+        lower = scores.tissue[j] < scores.tissue[keep] - cfg.keep_tolerance or scores.non_tissue[j]
+        if j == keep or (uf.find(j) == uf.find(keep) and not lower):
             continue  # the kept image itself, re-encoded: a near duplicate
         changed = float(_changed(features[keep].thumbnail, features[j].thumbnail, cfg).mean())
-        if changed >= cfg.twin_global_change or scores.non_tissue[j]:
-            out.append((j, "shared_mask", max(changed, min(_non_tissue_score(scores, j, cfg), 1.0)), keep))
-        else:
+        score = max(changed, min(_non_tissue_score(scores, j, cfg), 1.0))
+        if changed < cfg.twin_global_change and not scores.non_tissue[j]:
             out.append((j, "artifact", features[j].artifact_fraction if scores.artifact[j] else changed, keep))
+        elif features[j].mask_hash is not None and features[j].mask_hash == features[keep].mask_hash:
+            out.append((j, "shared_mask", score, keep))
+        elif lower:
+            out.append((j, "non_tissue", score, keep))
+        else:
+            out.append((j, "near_duplicate", _correlation(features[keep].thumbnail, features[j].thumbnail), keep))
     return out
 
 
 def _choose_keeper(members: Sequence[int], scores: _Scores, cfg: CleaningConfig, by_tissue: bool = False) -> int:
-    """The member to keep: not non-tissue, most tissue-like (when asked), without artifact, first in data order."""
+    """The member to keep: not non-tissue, most tissue-like (when asked), without artifact, first in data order.
+
+    Members whose tissue score is within ``keep_tolerance`` of the best count as equally tissue-like.
+    """
     keep = [i for i in members if not scores.non_tissue[i]] or list(members)
     if by_tissue:
         best = max(scores.tissue[i] for i in keep)
