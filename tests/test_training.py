@@ -241,6 +241,9 @@ def test_streaming_metrics_match_the_batch_metrics():
 def test_train_finalize_and_evaluate(tiny, tmp_path):
     trainer = _trainer(tiny, tmp_path / "run", loss="weighted_ce", tta="flips", model_kw={"aggregation": "hard"})
     trainer.train()
+    best = AutoModelForImageClassification.from_pretrained(trainer.state.best_model_checkpoint)
+    for (name, a), b in zip(trainer.model.named_parameters(), best.parameters()):
+        assert torch.equal(a, b), f"load_best_model_at_end did not restore {name}"
     payload = finalize_run(trainer, run_info={"recipe": "test"})
     out = tmp_path / "run"
     for name in ("metrics.json", "confusion_matrix.png", "training_curves.png", "image_predictions.json"):
@@ -272,8 +275,8 @@ class _StopAfter(TrainerCallback):
 
 
 def test_resume_gives_the_same_final_metrics(tiny, tmp_path):
-    """A run killed after its first checkpoint and resumed ends like the uninterrupted run (augmentation, dropout,
-    class-weighted loss, progressive unfreezing included)."""
+    """A run killed after a mid-epoch checkpoint and resumed ends like the uninterrupted run (random augmentation,
+    dropout, class-weighted loss, progressive unfreezing across the resumed epochs included)."""
     kw = dict(
         num_train_epochs=3,
         unfreeze_every_epochs=1,
@@ -282,14 +285,17 @@ def test_resume_gives_the_same_final_metrics(tiny, tmp_path):
         model_kw={"dropout": 0.2},
         full_determinism=True,
     )
+    steps_per_epoch = -(-len(tiny[1]["train"]) // 8)
+    kw.update(save_strategy="steps", eval_strategy="steps", save_steps=3, eval_steps=3)
+    stop = 3 * (steps_per_epoch // 3 + 1)
+    assert stop % steps_per_epoch and stop > steps_per_epoch, "the checkpoint must fall inside the second epoch"
     full = _trainer(tiny, tmp_path / "full", **kw)
     full.train()
-    steps_per_epoch = full.state.global_step // 3
     final_full = full.evaluate()
 
-    killed = _trainer(tiny, tmp_path / "resumed", callbacks=[_StopAfter(steps_per_epoch)], **kw)
+    killed = _trainer(tiny, tmp_path / "resumed", callbacks=[_StopAfter(stop)], **kw)
     killed.train()
-    checkpoint = tmp_path / "resumed" / f"checkpoint-{steps_per_epoch}"
+    checkpoint = tmp_path / "resumed" / f"checkpoint-{stop}"
     assert checkpoint.is_dir()
     resumed = _trainer(tiny, tmp_path / "resumed", **kw)
     resumed.train(resume_from_checkpoint=str(checkpoint))

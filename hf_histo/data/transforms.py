@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -184,19 +185,62 @@ def build_transforms(
     return v2.Compose(steps)
 
 
-def patch_transform_fn(transform: Callable, image_column: str = "image", label_column: str = "label") -> Callable:
+class AugmentationSeed:
+    """Seeds each patch's augmentation from `(seed, epoch, image_id, patch_index)` instead of torch's global RNG.
+
+    The draws then no longer depend on how many batches were loaded before, so a run resumed from a mid-epoch
+    checkpoint (where Trainer skips the already-seen batches without loading them) augments every later patch
+    exactly as the uninterrupted run did. `HistoTrainer` advances `epoch` at each epoch start.
+
+    Args:
+        seed: Base seed (the run's `--seed`).
+    """
+
+    def __init__(self, seed: int = 0):
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def for_patch(self, image_id: Any, patch_index: Any) -> int:
+        """The seed of one patch's augmentation in the current epoch."""
+        key = f"{self.seed}:{self.epoch}:{image_id}:{patch_index}".encode()
+        return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def patch_transform_fn(
+    transform: Callable,
+    image_column: str = "image",
+    label_column: str = "label",
+    seed: AugmentationSeed | None = None,
+) -> Callable:
     """Wrap a per-image transform for `datasets.Dataset.with_transform`.
 
     The returned function maps a batch of rows to `{"pixel_values": [...], "labels": [...]}`; only these two
     reach the model, while the dataset keeps its `image_id` / `foreground` columns for image-level metrics.
+
+    Args:
+        transform: PIL image -> tensor.
+        image_column: Column holding the patch image.
+        label_column: Column holding the class index.
+        seed: Per-patch augmentation seeds (training); None uses torch's global RNG.
     """
 
     def apply(batch: dict[str, list]) -> dict[str, list]:
-        out = {"pixel_values": [transform(image.convert("RGB")) for image in batch[image_column]]}
+        images = batch[image_column]
+        if seed is None or "image_id" not in batch:
+            pixels = [transform(image.convert("RGB")) for image in images]
+        else:
+            indices = batch.get("patch_index") or range(len(images))
+            pixels = []
+            for image, image_id, index in zip(images, batch["image_id"], indices):
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed.for_patch(image_id, index))
+                    pixels.append(transform(image.convert("RGB")))
+        out = {"pixel_values": pixels}
         if label_column in batch:
             out["labels"] = list(batch[label_column])
         return out
 
+    apply.augmentation_seed = seed
     return apply
 
 

@@ -21,10 +21,16 @@ from .metrics import METRIC_KEYS, classification_metrics, plot_confusion_matrix
 logger = logging.getLogger(__name__)
 
 
-def _fold_args(data_args: Any, training_args: Any, n_folds: int, fold: int, output_dir: Path) -> tuple[Any, Any]:
+def _fold_args(
+    data_args: Any, training_args: Any, n_folds: int, fold: int, output_dir: Path, select_on_heldout: bool
+) -> tuple[Any, Any]:
     fold_data = copy.copy(data_args)
     fold_data.n_folds, fold_data.fold = n_folds, fold
     fold_training = copy.copy(training_args)
+    if not select_on_heldout:  # the held-out fold scores the model; it must not also pick it
+        fold_training.load_best_model_at_end = False
+        if hasattr(fold_training, "early_stopping_patience"):
+            fold_training.early_stopping_patience = None
     fold_training.output_dir = str(output_dir / f"fold_{fold}")
     if getattr(training_args, "logging_dir", None):
         fold_training.logging_dir = str(output_dir / f"fold_{fold}" / "logs")
@@ -111,6 +117,7 @@ def run_cross_validation(
     training_args: Any,
     n_folds: int | None = None,
     folds: Sequence[int] | None = None,
+    select_on_heldout: bool = False,
 ) -> dict[str, Any]:
     """Run a recipe's `main(data_args, model_args, training_args)` once per grouped fold and summarize.
 
@@ -125,6 +132,8 @@ def run_cross_validation(
         training_args: Training arguments; `output_dir` is the CV root.
         n_folds: Number of folds.
         folds: Subset of folds to run (default: all); the summary covers the folds that have finished.
+        select_on_heldout: Allow best-checkpoint selection and early stopping on the held-out fold. Off by
+            default: each fold keeps its final model, so out-of-fold metrics are not optimistically biased.
 
     Returns:
         The summary of `summarize_folds`, also written to `output_dir/cv_metrics.json`.
@@ -135,7 +144,7 @@ def run_cross_validation(
     root = Path(training_args.output_dir)
     wall = {}
     for fold in folds if folds is not None else range(n_folds):
-        fold_data, fold_training = _fold_args(data_args, training_args, n_folds, fold, root)
+        fold_data, fold_training = _fold_args(data_args, training_args, n_folds, fold, root, select_on_heldout)
         start = time.perf_counter()
         train_fn(fold_data, model_args, fold_training)
         wall[fold] = time.perf_counter() - start

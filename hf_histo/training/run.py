@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..data.transforms import InputSpec, build_transforms, input_spec, patch_transform_fn
+from ..data.transforms import AugmentationSeed, InputSpec, build_transforms, input_spec, patch_transform_fn
 from .arguments import TINY_PREFIX, DataArguments, HistoTrainingArguments, ModelArguments
 
 logger = logging.getLogger(__name__)
@@ -188,8 +188,11 @@ def build_model(
     return model, make_image_processor(spec)
 
 
-def with_patch_transforms(data, processor, data_args: DataArguments, eval_split: str = "validation"):
+def with_patch_transforms(data, processor, data_args: DataArguments, eval_split: str = "validation", seed: int = 0):
     """Attach the train (augmenting) and eval (deterministic) transforms to the splits.
+
+    Training augmentation is seeded per patch and epoch (`AugmentationSeed`), so resumed runs augment like
+    uninterrupted ones.
 
     Returns:
         `(train_dataset, eval_dataset)`: `with_transform` views producing `pixel_values` and `labels`; the
@@ -205,7 +208,7 @@ def with_patch_transforms(data, processor, data_args: DataArguments, eval_split:
         hed_jitter=data_args.hed_jitter,
     )
     eval_tf = build_transforms(spec, train=False)
-    train = data["train"].with_transform(patch_transform_fn(train_tf))
+    train = data["train"].with_transform(patch_transform_fn(train_tf, seed=AugmentationSeed(seed)))
     evaluation = data[eval_split].with_transform(patch_transform_fn(eval_tf)) if eval_split in data else None
     return train, evaluation
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -12,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from transformers import EarlyStoppingCallback, Trainer
+from transformers import EarlyStoppingCallback, PreTrainedModel, Trainer, TrainerCallback
 
 from ..data.transforms import tta_views
 from ..utils import atomic_write_text
@@ -236,6 +238,10 @@ class HistoTrainer(Trainer):
             loss_fn = build_training_loss(self.args, train_labels, len(labels))
         self.loss_fn = loss_fn
         self.batch_mixer = batch_mixer
+        augmentation_seed = _augmentation_seed(self.train_dataset)
+        if augmentation_seed is not None:  # per-patch augmentation seeds follow the run's seed and epoch
+            augmentation_seed.seed = self.args.seed
+            self.add_callback(_AugmentationEpoch(augmentation_seed))
 
     # ---- optimizer -----------------------------------------------------------------------------------------
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
@@ -307,6 +313,22 @@ class HistoTrainer(Trainer):
             return BalancedSampler(labels, seed=self.args.seed)
         return super()._get_train_sampler(train_dataset)
 
+    # ---- checkpoints ---------------------------------------------------------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Write checkpoints in the in-memory key format, so that resuming and `load_best_model_at_end` reload them.
+
+        transformers 5 saves ViT-family weights under their 4.x names (`save_original_format=True`) but reloads
+        checkpoints with a plain `load_state_dict`, which would silently skip every backbone weight.
+        """
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if not isinstance(model, PreTrainedModel):
+            return super()._save(output_dir, state_dict)
+        model.save_pretrained = functools.partial(type(model).save_pretrained, model, save_original_format=False)
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            del model.save_pretrained
+
     # ---- evaluation ----------------------------------------------------------------------------------------
     def evaluation_loop(self, dataloader, *args, **kwargs):
         """Bind the streaming image-level metrics to the dataset about to be evaluated."""
@@ -332,6 +354,28 @@ class HistoTrainer(Trainer):
             log_probs = (probs / len(views)).clamp_min(1e-12).log()
             loss = self.loss_fn(log_probs, labels).detach() if labels is not None else None
         return (loss, None if prediction_loss_only else log_probs, labels)
+
+
+def _augmentation_seed(dataset: Any) -> Any:
+    """The `AugmentationSeed` of a dataset formatted with `patch_transform_fn(..., seed=...)`, if any."""
+    transform = (getattr(dataset, "format", None) or {}).get("format_kwargs", {}).get("transform")
+    return getattr(transform, "augmentation_seed", None)
+
+
+class _AugmentationEpoch(TrainerCallback):
+    """Keep `AugmentationSeed.epoch` equal to the epoch being trained (also after a resume)."""
+
+    def __init__(self, seed: Any):
+        self.seed = seed
+
+    def _set(self, state) -> None:
+        self.seed.epoch = int(math.floor(float(state.epoch or 0.0) + 1e-6))
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._set(state)
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self._set(state)
 
 
 def _base(model: nn.Module) -> nn.Module:
