@@ -51,7 +51,9 @@ __all__ = [
     "hub_upload_files",
     "inference_image_processor",
     "push_folder_to_hub",
+    "run_data_info",
     "save_for_hub",
+    "save_run",
     "write_model_card",
 ]
 
@@ -77,14 +79,15 @@ _HUB_METRICS = {  # our metric key -> (Hub metric id, display name, args)
 }
 _HYPERPARAMETERS = (
     "learning_rate",
-    "head_lr",
+    "head_learning_rate",
+    "frozen_head_learning_rate",
     "layer_decay",
     "num_train_epochs",
     "max_steps",
     "per_device_train_batch_size",
     "per_device_eval_batch_size",
     "gradient_accumulation_steps",
-    "optim",
+    "optim_name",
     "weight_decay",
     "lr_scheduler_type",
     "warmup_ratio",
@@ -95,7 +98,9 @@ _HYPERPARAMETERS = (
     "class_weights",
     "mixup_alpha",
     "cutmix_alpha",
-    "unfreeze_schedule",
+    "unfreeze_every_epochs",
+    "unfreeze_blocks",
+    "tta",
     "freeze",
     "lora_r",
     "bf16",
@@ -239,6 +244,92 @@ def save_for_hub(
         license=license,
     )
     return output_dir
+
+
+def save_run(
+    trainer: Any,
+    metrics: Mapping[str, Any],
+    output_dir: str | os.PathLike | None = None,
+    data_info: Mapping[str, Any] | None = None,
+    license: str | None = None,
+) -> Path:
+    """Write a finished run's model as a Hub-ready folder and upload it when the run asked for `--push_to_hub`.
+
+    Called by every recipe after `finalize_run(..., save_model=False)`: the final model (unwrapped, LoRA merged)
+    goes through `save_for_hub` with the run's metrics, hyperparameters, data facts and plots
+    (`confusion_matrix.png`, `training_curves.png`), on the main process only. With `--push_to_hub` the folder is
+    then uploaded once by `push_folder_to_hub` (rank 0) to `--hub_model_id`; Trainer's own checkpoint pushing stays
+    off (`HistoTrainingArguments` moves the flag to `push_final_to_hub`).
+
+    Args:
+        trainer: The trained `HistoTrainer`.
+        metrics: What `finalize_run` returned (the content of `metrics.json`).
+        output_dir: Folder to write (default: `trainer.args.output_dir`).
+        data_info: Facts about the data for the card (default: derived from the training split and `metrics["run"]`).
+        license: A Hub license id for the card metadata.
+
+    Returns:
+        The folder.
+
+    Raises:
+        HubUnavailableError: `--push_to_hub` was given but the Hub cannot be reached; the folder is complete on disk.
+    """
+    from .training.trainer import final_model
+
+    args = trainer.args
+    output_dir = Path(output_dir or args.output_dir)
+    repo_id = getattr(args, "hub_model_id", None)
+    model = final_model(trainer)
+    if trainer.is_world_process_zero():
+        save_for_hub(
+            model,
+            output_dir,
+            image_processor=trainer.processing_class,
+            metrics=metrics,
+            training_args=args,
+            data_info=data_info if data_info is not None else run_data_info(trainer.train_dataset, metrics),
+            plots=[
+                p for p in (output_dir / "confusion_matrix.png", output_dir / "training_curves.png") if p.is_file()
+            ],
+            repo_id=repo_id,
+            license=license,
+        )
+    trainer.accelerator.wait_for_everyone()
+    if getattr(args, "push_final_to_hub", False):
+        push_folder_to_hub(
+            output_dir,
+            repo_id,
+            token=getattr(args, "hub_token", None),
+            private=bool(getattr(args, "hub_private_repo", False)),
+            is_main_process=trainer.is_world_process_zero(),
+        )
+    return output_dir
+
+
+def run_data_info(train_dataset: Any, metrics: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Card facts about a run's training data: name, layout, images, patches and images per class.
+
+    Args:
+        train_dataset: The training patch dataset (`image_id` and `label` columns; a `with_transform` view works).
+        metrics: `finalize_run`'s payload; its `run.data` arguments give the data folder and patching.
+    """
+    data_args = ((metrics or {}).get("run") or {}).get("data") or {}
+    info: dict[str, Any] = {}
+    if data_args.get("data_dir"):
+        info["name"] = Path(str(data_args["data_dir"])).name
+    if data_args.get("layout"):
+        info["layout"] = data_args["layout"]
+    columns = getattr(train_dataset, "column_names", None) or []
+    if "image_id" in columns and "label" in columns:
+        table = train_dataset.with_format(None).select_columns(["image_id", "label"])
+        image_ids, labels = table["image_id"], table["label"]
+        names = train_dataset.features["label"].names
+        first_label = dict(zip(image_ids, labels))
+        counts = {name: 0 for name in names}
+        for label in first_label.values():
+            counts[names[label]] += 1
+        info.update(n_images=f"{len(first_label)} (training split)", n_patches=len(image_ids), class_counts=counts)
+    return info
 
 
 def _copy_plots(output_dir: Path, plots: Sequence | Mapping | None) -> list[Path]:

@@ -18,6 +18,7 @@ Any TrainingArguments flag works (--num_train_epochs 80 --bf16 ...); --config ru
 from transformers import set_seed
 
 from hf_histo.data.transforms import PatchCollator, build_batch_mixer
+from hf_histo.hub import save_run
 from hf_histo.training.arguments import parse_args
 from hf_histo.training.callbacks import ProgressiveUnfreezeCallback
 from hf_histo.training.cross_validation import run_cross_validation
@@ -75,7 +76,11 @@ def main(data_args, model_args, training_args):
         ],
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    return finalize_run(trainer, run_info=run_info("convnext_progressive", data_args, model_args, training_args))
+    metrics = finalize_run(
+        trainer, run_info=run_info("convnext_progressive", data_args, model_args, training_args), save_model=False
+    )
+    save_run(trainer, metrics)  # weights, processor, code, card, plots; uploaded with --push_to_hub
+    return metrics
 
 
 if __name__ == "__main__":

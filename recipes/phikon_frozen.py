@@ -21,6 +21,7 @@ Launch:
 from transformers import set_seed
 
 from hf_histo.data.transforms import PatchCollator, build_batch_mixer
+from hf_histo.hub import save_run
 from hf_histo.training.arguments import parse_args
 from hf_histo.training.cross_validation import run_cross_validation
 from hf_histo.training.embeddings import prepare_cached_head
@@ -98,7 +99,11 @@ def main(data_args, model_args, training_args):
         batch_mixer=mixer,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    return finalize_run(trainer, run_info=run_info("phikon_frozen", data_args, model_args, training_args))
+    metrics = finalize_run(
+        trainer, run_info=run_info("phikon_frozen", data_args, model_args, training_args), save_model=False
+    )
+    save_run(trainer, metrics)  # weights, processor, code, card, plots; uploaded with --push_to_hub
+    return metrics
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ Any TrainingArguments flag works; --config run.yaml reads arguments from a file.
 from transformers import set_seed
 
 from hf_histo.data.transforms import PatchCollator, build_batch_mixer
+from hf_histo.hub import save_run
 from hf_histo.training.arguments import parse_args
 from hf_histo.training.cross_validation import run_cross_validation
 from hf_histo.training.run import build_datasets, build_model, run_info, setup_logging, with_patch_transforms
@@ -67,7 +68,11 @@ def main(data_args, model_args, training_args):
         batch_mixer=build_batch_mixer(len(labels), data_args.cutmix_alpha, data_args.mixup_alpha, data_args.mix_prob),
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    return finalize_run(trainer, run_info=run_info("resnet_scratch", data_args, model_args, training_args))
+    metrics = finalize_run(
+        trainer, run_info=run_info("resnet_scratch", data_args, model_args, training_args), save_model=False
+    )
+    save_run(trainer, metrics)  # weights, processor, code, card, plots; uploaded with --push_to_hub
+    return metrics
 
 
 if __name__ == "__main__":

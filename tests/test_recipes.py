@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from hf_histo.data.synthetic import make_synthetic_dataset
+from hf_histo.hub import REQUIRED_FILES, HubUnavailableError, hub_upload_files
+from hf_histo.inference.pipeline import TASK
 from hf_histo.training.cross_validation import FoldEnsemble
 from hf_histo.training.evaluate import evaluate_model
 
@@ -86,6 +88,12 @@ def test_recipe_runs_on_demo_data(name, demo_data, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "histo_classifier" and config["patching"]["strategy"]
     assert "lora" not in (out / "model.safetensors").read_bytes()[:20000].decode("latin-1")  # merged at save
+    # Hub-ready: the shipped code, the pipeline declaration, the card with the run's figures, the plots.
+    assert set(REQUIRED_FILES) <= set(hub_upload_files(out))
+    assert TASK in config["custom_pipelines"] and "AutoModelForImageClassification" in config["auto_map"]
+    card = (out / "README.md").read_text()
+    assert f"{metrics['image']['macro_f1']:.3f}"[:4] in card and "training_curves.png" in card
+    assert (out / "plots" / "training_curves.png").is_file() and (out / "plots" / "confusion_matrix.png").is_file()
 
 
 def test_phikon_frozen_trains_from_the_embedding_cache(demo_data, tmp_path):
@@ -157,3 +165,18 @@ def test_whole_image_strategy(demo_data, tmp_path):
     )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["patch"]["n"] == metrics["image"]["n"]  # one input per image
+
+
+def test_push_to_hub_offline_keeps_the_complete_folder(demo_data, tmp_path):
+    """`--push_to_hub` uploads once at the end through hf_histo.hub; offline it fails with one clear error after the
+    folder is complete (Trainer's own per-checkpoint push, which would fail at start-up, stays off)."""
+    data_dir, cache = demo_data
+    out = tmp_path / "pushed"
+    argv = ["--demo", "--data_dir", str(data_dir), "--cache_dir", str(cache), "--output_dir", str(out), *FAST]
+    with pytest.raises(ValueError, match="--hub_model_id"):
+        run_recipe("vit_differential_lr", *argv, "--push_to_hub")
+    with pytest.raises(HubUnavailableError, match="me/histo-vit") as error:
+        run_recipe("vit_differential_lr", *argv, "--push_to_hub", "--hub_model_id", "me/histo-vit")
+    assert "offline" in str(error.value) and str(out.resolve()) in str(error.value)
+    assert set(REQUIRED_FILES) <= set(hub_upload_files(out))
+    assert "me/histo-vit" in (out / "README.md").read_text()  # the card's snippet names the target repo

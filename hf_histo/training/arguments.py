@@ -244,6 +244,14 @@ class HistoTrainingArguments(TrainingArguments):
         default=False, metadata={"help": "Keep dataset columns: the patch transform reads `image`."}
     )
     report_to: None | str | list[str] = field(default="none", metadata={"help": "Experiment trackers."})
+    push_to_hub: bool = field(
+        default=False,
+        metadata={
+            "help": "Upload the final Hub-ready folder (weights, processor, code, card, plots) to --hub_model_id "
+            "once, from the main process, at the end of the run (checkpoints are not pushed)."
+        },
+    )
+    push_final_to_hub: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         _check("optim_name", self.optim_name, OPTIMIZERS)
@@ -276,6 +284,10 @@ class HistoTrainingArguments(TrainingArguments):
             self.load_best_model_at_end = False
         if str(self.save_strategy) == "no":
             self.load_best_model_at_end = False
+        if self.push_to_hub:  # hf_histo.hub.save_run uploads the complete folder; Trainer's own push stays off
+            if not self.hub_model_id:
+                raise ValueError("--push_to_hub needs --hub_model_id user/name (the Hub repo to upload to)")
+            self.push_to_hub, self.push_final_to_hub = False, True
         super().__post_init__()
 
 

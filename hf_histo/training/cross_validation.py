@@ -31,6 +31,7 @@ def _fold_args(
         fold_training.load_best_model_at_end = False
         if hasattr(fold_training, "early_stopping_patience"):
             fold_training.early_stopping_patience = None
+    fold_training.push_final_to_hub = False  # fold models stay local (an ensemble); push the one you pick
     fold_training.output_dir = str(output_dir / f"fold_{fold}")
     if getattr(training_args, "logging_dir", None):
         fold_training.logging_dir = str(output_dir / f"fold_{fold}" / "logs")
