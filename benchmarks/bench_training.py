@@ -21,10 +21,7 @@ from transformers import ViTConfig  # noqa: E402
 
 from hf_histo.data.builder import load_patch_dataset  # noqa: E402
 from hf_histo.data.synthetic import make_synthetic_dataset  # noqa: E402
-from hf_histo.data.transforms import (
-    InputSpec,  # noqa: E402
-    PatchCollator,  # noqa: E402
-)
+from hf_histo.data.transforms import InputSpec, PatchCollator  # noqa: E402
 from hf_histo.models import HistoClassifierConfig, HistoClassifierForImageClassification  # noqa: E402
 from hf_histo.training.arguments import DataArguments, HistoTrainingArguments  # noqa: E402
 from hf_histo.training.embeddings import compute_embeddings, prepare_cached_head  # noqa: E402

@@ -53,6 +53,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         layout=args.layout,
         on_error=args.on_error,
+        exclude=args.exclude,
+        resize_masks=args.resize_masks,
+        max_image_pixels=args.max_image_pixels,
     )
     print(dataset)
     print(report.summary() if hasattr(report, "summary") else report)
@@ -137,6 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val_fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache_dir", default=None, help="datasets cache folder (default: HF_DATASETS_CACHE)")
+    p.add_argument("--exclude", default=None, help="exclusion file (e.g. clean_out/exclusions.txt): one id per line")
+    p.add_argument(
+        "--resize_masks", action="store_true", help="resize masks whose size differs from their image (else an error)"
+    )
+    p.add_argument(
+        "--max_image_pixels",
+        type=int,
+        default=None,
+        help="pixel limit of PIL's decompression-bomb check; raise it for trusted large images",
+    )
     _add_data_options(p)
     p.set_defaults(func=_cmd_build)
 

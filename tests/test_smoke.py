@@ -35,3 +35,22 @@ def test_cli_reports_bad_data_folder_clearly(tmp_path):
     assert out.returncode == 2
     assert "no such data folder" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_cli_build_takes_resize_masks_and_exclude(tmp_path, capsys):
+    """`hf-histo build` exposes the library's mask resizing and exclusion file; the error names the fix."""
+    from PIL import Image
+
+    from hf_histo.cli import main
+    from hf_histo.data.synthetic import make_synthetic_dataset
+
+    data = make_synthetic_dataset(tmp_path / "data", n_train=6, n_test=0, size_range=(160, 200), seed=0)
+    mask = data / "train_data" / "mask_0000.png"
+    Image.open(mask).resize((96, 96)).save(mask)  # a mask of the wrong size
+    base = ["build", str(data), "--patch_size", "64", "--val_fraction", "0.34", "--cache_dir", str(tmp_path / "c")]
+    assert main(base) == 2
+    assert "--resize_masks" in capsys.readouterr().err
+    (tmp_path / "exclude.txt").write_text("# manual exclusions\nimg_0001\n")
+    assert main([*base, "--resize_masks", "--exclude", str(tmp_path / "exclude.txt")]) == 0
+    out = capsys.readouterr().out
+    assert "num_rows" in out
