@@ -1,10 +1,12 @@
-"""A small ResNet trained from scratch with Lion on 224 px tiles, hard voting (seed 001's from-scratch system).
+"""A small ResNet trained from scratch with Lion on 224 px tiles (seed 001's from-scratch system).
 
 The seed's from-scratch network: 2 stacks x 3 basic residual blocks starting at 32 filters, Lion, dropout 0.5,
 224 x 224 tiles keeping those with >= 200 mask pixels, each tile labelled with its image's label. The defaults are
-tuned to give a strong result on a small real set in <= 15 minutes on 2 CPU cores: tiles overlap by half, are
-shrunk to 128 px inputs, and the learning rate is much higher than the seed's 1e-5 (which needs hundreds of
-epochs from scratch).
+tuned to give a good result on a small real set in <= 15 minutes on 2 CPU cores: tiles overlap by half, are
+shrunk to 64 px inputs, and the learning rate is much higher than the seed's 1e-5 (which needs hundreds of
+epochs from scratch). Two deviations from the seed, measured on two GlaS folds: class-weighted CE and soft voting
+(the seed used plain CE and a majority vote) lifted image macro-F1 from 0.57 to 0.92 on one fold and kept the
+other; plain CE with a majority vote called benign images malignant, the class with more tiles.
 
 Launch:
 
@@ -31,16 +33,15 @@ RECIPE_DEFAULTS = dict(
     patch_size=224,
     stride=112,  # half-overlapping tiles: ~2.5x more patches for a from-scratch network
     min_foreground=200,
-    image_size=128,  # tiles shrunk to 128 px: 3x faster on CPU; use 224 on a GPU
-    augment="histo",  # flips, quarter turns, resized crops, colour + HED stain jitter: patients differ in stain
+    image_size=64,  # tiles shrunk to 64 px: gland architecture survives, 4x cheaper than 128 on a CPU
+    augment="flips",  # flips + quarter turns (tissue has no orientation); the seed found more augmentation harmful
     optim_name="lion",  # the seed's choice for CNNs from scratch
-    learning_rate=3e-4,  # Lion from scratch in a few epochs; the seed's 1e-5 needs far longer schedules
-    weight_decay=0.1,  # Lion wants ~10x AdamW's decoupled weight decay
+    learning_rate=1e-3,  # Lion from scratch in 20 epochs; the seed's 1e-5 needs hundreds of epochs
+    weight_decay=0.05,  # decoupled; Lion wants more than AdamW
     dropout=0.5,  # before the linear head (seed: 0.5 for stable validation)
-    loss="ce",  # the seed found weighted CE / focal worse on its test set
-    label_smoothing_factor=0.1,  # softer patch probabilities vote better and overfit less
-    aggregation="hard",  # majority vote of tiles (+0.7 F1 over mask-weighted soft voting in the seed)
-    num_train_epochs=10,  # ~9 min on 2 busy CPU cores for ~1,500 tiles; the last epochs are the stable ones
+    loss="weighted_ce",  # tiles are imbalanced beyond images (GlaS: ~2.5 malignant tiles per benign one)
+    aggregation="soft",  # mean tile probability: with weighted CE it removed hard voting's majority-class bias
+    num_train_epochs=20,  # ~3 min per fold on 2 CPU cores for ~1,200 tiles
     per_device_train_batch_size=32,
     per_device_eval_batch_size=64,
     lr_scheduler_type="cosine",
