@@ -11,12 +11,20 @@ from pathlib import Path
 from PIL import Image
 
 
+def _umask() -> int:
+    """The process umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path`` that replaces ``path`` when the block succeeds.
 
     The temporary file lives in the same folder so that the final ``os.replace`` is atomic; on an
-    exception it is removed and ``path`` is left as it was.
+    exception it is removed and ``path`` is left as it was. The result gets the permissions of a file
+    opened normally (0o666 minus the umask), not the owner-only mode of ``mkstemp``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -25,6 +33,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
