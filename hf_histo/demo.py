@@ -8,7 +8,6 @@ import json
 import logging
 import runpy
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,21 +46,6 @@ def local_phikon() -> str | None:
     folder_path = Path(folder)
     has_weights = any((folder_path / name).is_file() for name in ("model.safetensors", "pytorch_model.bin"))
     return str(folder_path) if has_weights else None
-
-
-def _step(name: str, fn: Callable[[], Any], skipped: list[str]) -> Any:
-    """Run an optional step; on ImportError (module not available) log and record the skip.
-
-    Returns:
-        The step's result, or None when skipped.
-    """
-    try:
-        return fn()
-    except ImportError as error:
-        note = f"{name}: skipped ({error})"
-        _say(note)
-        skipped.append(note)
-        return None
 
 
 def write_test_manifest(data_dir: Path) -> Path:
@@ -145,14 +129,14 @@ def run_demo(out_dir: str | Path = "hf_histo_demo", quick: bool = False, seed: i
 
     Returns:
         Summary dict: `paths` (name -> path), `image_macro_f1` (test), `val_image_macro_f1`, `backbone`,
-        `skipped` (notes on skipped steps), `wall_time_s`.
+        `notes` (e.g. which backbone stood in for Phikon), `wall_time_s`.
     """
     start = time.perf_counter()
     sizes = QUICK if quick else FULL
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, str] = {}
-    skipped: list[str] = []
+    notes: list[str] = []
 
     from .data.synthetic import make_synthetic_dataset
 
@@ -164,16 +148,14 @@ def run_demo(out_dir: str | Path = "hf_histo_demo", quick: bool = False, seed: i
     )  # fmt: skip
     paths["data"] = str(data_dir)
 
-    def inspect() -> Any:
-        from .data.inspect import inspect_dataset
-
-        report = inspect_dataset(data_dir, out / "inspection", strategies=("topk",), patch_size=128, stride=64)
-        print(report.table(), flush=True)
-        return report
+    from .data.inspect import inspect_dataset
 
     _say("2/7 inspecting the data")
-    if _step("inspect", inspect, skipped) is not None:
-        paths["inspection"] = str(out / "inspection")
+    report = inspect_dataset(
+        data_dir, out / "inspection", strategies=("grid", "components", "topk"), patch_size=128, stride=64, n_contact=3
+    )
+    print(report.table(), flush=True)
+    paths["inspection"] = str(out / "inspection")
 
     from .data.cleaning import clean_dataset
 
@@ -188,98 +170,55 @@ def run_demo(out_dir: str | Path = "hf_histo_demo", quick: bool = False, seed: i
     if phikon is None:
         note = "owkin/phikon is not in the local HF cache: a tiny randomly initialised ViT stands in for it"
         _say(note)
-        skipped.append(note)
+        notes.append(note)
     model_dir = out / "model"
     _say(f"4/7 patches (load_patch_dataset) + training phikon_frozen on {backbone} for {sizes['epochs']} epochs")
     val_metrics = _train(manifest, model_dir, backbone, sizes["epochs"], seed)
     paths["model"] = str(model_dir)
     paths["val_metrics"] = str(model_dir / "metrics.json")
 
+    from .hub import write_model_card
+    from .inference.explain import explain_folder
+    from .inference.predict import predict_folder
+    from .training.evaluate import evaluate_model
+
     test_manifest = write_test_manifest(data_dir)
     _say("5/7 evaluating at image level on the held-out test images")
     test_metrics_path = out / "test_metrics.json"
-    test_metrics = _step(
-        "evaluate",
-        lambda: __import__("hf_histo.training.evaluate", fromlist=["evaluate_model"]).evaluate_model(
-            model_dir, test_manifest, test_metrics_path
-        ),
-        skipped,
-    )
-    if test_metrics is not None:
-        paths["test_metrics"] = str(test_metrics_path)
-
-    from .hub import write_model_card
+    test_metrics = evaluate_model(model_dir, test_manifest, test_metrics_path)
+    paths["test_metrics"] = str(test_metrics_path)
 
     card = write_model_card(
         model_dir,
-        metrics=test_metrics or val_metrics,
+        metrics=test_metrics,
         data_info={"name": "hf-histo synthetic demo data", "n_train": sizes["n_train"], "n_test": sizes["n_test"]},
     )
     paths["model_card"] = str(card)
 
     _say("6/7 predicting submission.csv for the test images")
     submission = out / "submission.csv"
-
-    def predict() -> Path:
-        from .inference.predict import predict_folder
-
-        return predict_folder(model_dir, test_manifest, submission)
-
-    if _step("predict", predict, skipped) is not None:
-        paths["submission"] = str(submission)
-    if test_metrics is None and submission.is_file():
-        test_metrics = _score_submission(submission, data_dir / "test_labels.csv", test_metrics_path)
-        paths["test_metrics"] = str(test_metrics_path)
+    predict_folder(model_dir, test_manifest, submission)
+    paths["submission"] = str(submission)
 
     _say("7/7 writing explanation PNGs")
-
-    def explain() -> list[Path]:
-        from .inference.explain import explain_folder
-
-        return explain_folder(model_dir, test_manifest, out / "explain", max_images=sizes["explain"])
-
-    pngs = _step("explain", explain, skipped)
-    if pngs is not None:
-        paths["explain"] = str(out / "explain")
+    explain_folder(model_dir, test_manifest, out / "explain", max_images=sizes["explain"])
+    paths["explain"] = str(out / "explain")
 
     summary = {
         "backbone": backbone,
         "image_macro_f1": _image_f1(test_metrics),
-        "image_accuracy": (test_metrics or {}).get("image", {}).get("accuracy"),
+        "image_accuracy": test_metrics["image"].get("accuracy"),
         "val_image_macro_f1": _image_f1(val_metrics),
         "n_train": sizes["n_train"],
         "n_test": sizes["n_test"],
         "paths": paths,
-        "skipped": skipped,
+        "notes": notes,
         "wall_time_s": round(time.perf_counter() - start, 1),
     }
     paths["summary"] = str(out / "demo_summary.json")
     atomic_write_text(out / "demo_summary.json", json.dumps(summary, indent=2) + "\n")
     print(_table(summary), flush=True)
     return summary
-
-
-def _score_submission(submission: Path, labels_csv: Path, out_path: Path) -> dict[str, Any]:
-    """Image-level metrics of a submission against the held-out labels (fallback when evaluate is missing)."""
-    import numpy as np
-
-    from .training.metrics import classification_metrics
-
-    def read(path: Path) -> dict[str, str]:
-        with open(path, newline="", encoding="utf-8") as f:
-            return {Path(r["sample_index"]).stem: r["label"] for r in csv.DictReader(f)}
-
-    truth, pred = read(labels_csv), read(submission)
-    names = sorted(set(truth.values()))
-    ids = sorted(truth)
-    y_true = [names.index(truth[i]) for i in ids]
-    probs = np.zeros((len(ids), len(names)))
-    for row, image_id in enumerate(ids):
-        if pred.get(image_id) in names:
-            probs[row, names.index(pred[image_id])] = 1.0
-    result = {"image": classification_metrics(y_true, probs, labels=names)}
-    atomic_write_text(out_path, json.dumps(result, indent=2, default=float) + "\n")
-    return result
 
 
 def _table(summary: dict[str, Any]) -> str:
@@ -297,7 +236,7 @@ def _table(summary: dict[str, Any]) -> str:
         ("wall time (s)", fmt(summary["wall_time_s"])),
     ]
     rows += [(name, path) for name, path in summary["paths"].items()]
-    rows += [("skipped", note) for note in summary["skipped"]]
+    rows += [("note", note) for note in summary["notes"]]
     width = max(len(name) for name, _ in rows)
     lines = ["", "hf-histo demo summary", "-" * (width + 40)]
     lines += [f"{name:<{width}}  {value}" for name, value in rows]
