@@ -4,18 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 from PIL import Image
-
-
-def _umask() -> int:
-    """The process umask (read by setting it and putting it back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 @contextlib.contextmanager
@@ -24,16 +17,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
     The temporary file lives in the same folder so that the final ``os.replace`` is atomic; on an
     exception it is removed and ``path`` is left as it was. The result gets the permissions of a file
-    opened normally (0o666 minus the umask), not the owner-only mode of ``mkstemp``.
+    opened normally (0o666 minus the umask); ``tempfile.mkstemp`` would leave it owner-only (0o600).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp{path.suffix}")
+    os.close(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the kernel applies the umask
     try:
         yield tmp_path
-        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
