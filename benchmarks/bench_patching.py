@@ -3,9 +3,9 @@
 Run: `python benchmarks/bench_patching.py [--size 4096] [--data ../shared/data/glas_train] [--strategy grid]`
 
 1. Selection on a `--size`^2 random-blob mask: `grid_boxes` / `topk_boxes` (vectorised) against the plain per-tile
-   loops `reference_grid_boxes` / `reference_topk_boxes` (`mask[y:y+s, x:x+s].sum()` per tile) in the same run,
-   timed in back-to-back pairs, checking that both return the same tiles. Also shown: a tighter loop using
-   `np.count_nonzero` per tile (no box objects), the fastest plain-numpy loop we know.
+   loops `reference_grid_boxes` / `reference_topk_boxes` of `tests/reference_patching.py` (`mask[y:y+s, x:x+s].sum()`
+   per tile) in the same run, timed in back-to-back pairs, checking that both return the same tiles. Also shown: a
+   tighter loop using `np.count_nonzero` per tile (no box objects), the fastest plain-numpy loop we know.
 2. Building the patch dataset of `--data` in a fresh cache, next to the time of just decoding its images and
    masks and PNG-encoding the same patches (no selection, no Arrow), and the selection time alone.
 3. Loading the same dataset again (the Arrow cache).
@@ -18,28 +18,25 @@ import argparse
 import logging
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# The per-tile reference loops are the tests' oracle; they live with the tests, not in the library.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
+from reference_patching import reference_grid_boxes, reference_topk_boxes  # noqa: E402
 
 from hf_histo.data.builder import build_patch_dataset, encode_png  # noqa: E402
+from hf_histo.data.images import load_image  # noqa: E402
 from hf_histo.data.masks import load_mask  # noqa: E402
-from hf_histo.data.patching import (  # noqa: E402
-    PatchingConfig,
-    crop_patch,
-    grid_boxes,
-    grid_positions,
-    reference_grid_boxes,
-    reference_topk_boxes,
-    topk_boxes,
-)
-from hf_histo.data.sources import load_image, read_samples  # noqa: E402
+from hf_histo.data.patching import PatchingConfig, crop_patch, grid_boxes, grid_positions, topk_boxes  # noqa: E402
+from hf_histo.data.sources import read_samples  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 # (name, function, reference loop, size, stride, extra args)
@@ -148,8 +145,8 @@ def bench_build(data: Path, strategy: str, patch_size: int) -> None:
     masks = [load_mask(s.mask_path) for s in samples]
     select_t, _ = best_time(lambda: [config.boxes(m) for m in masks], 3)
     with tempfile.TemporaryDirectory() as cache:
-        _, report = build_patch_dataset(data, strategy=strategy, patch_size=patch_size, cache_dir=cache)
-        _, cached = build_patch_dataset(data, strategy=strategy, patch_size=patch_size, cache_dir=cache)
+        _, report = build_patch_dataset(data, config, cache_dir=cache)
+        _, cached = build_patch_dataset(data, config, cache_dir=cache)
     print(f"  build (fresh cache)              {report.seconds:7.2f}s  ({sum(report.n_patches.values())} patches)")
     print(
         f"  decode images+masks, encode PNG  {io_t:7.2f}s  ({n_patches} patches): build / I/O = {report.seconds / io_t:.2f}"

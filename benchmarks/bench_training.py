@@ -20,12 +20,17 @@ import torch  # noqa: E402
 from transformers import ViTConfig  # noqa: E402
 
 from hf_histo.data.builder import load_patch_dataset  # noqa: E402
+from hf_histo.data.patching import PatchingConfig  # noqa: E402
 from hf_histo.data.synthetic import make_synthetic_dataset  # noqa: E402
-from hf_histo.data.transforms import InputSpec, PatchCollator  # noqa: E402
+from hf_histo.data.transforms import (  # noqa: E402
+    InputSpec,
+    PatchCollator,
+    make_image_processor,  # noqa: E402
+)
 from hf_histo.models import HistoClassifierConfig, HistoClassifierForImageClassification  # noqa: E402
 from hf_histo.training.arguments import DataArguments, HistoTrainingArguments  # noqa: E402
 from hf_histo.training.embeddings import compute_embeddings, prepare_cached_head  # noqa: E402
-from hf_histo.training.run import make_image_processor, with_patch_transforms  # noqa: E402
+from hf_histo.training.run import with_patch_transforms  # noqa: E402
 from hf_histo.training.trainer import HistoTrainer  # noqa: E402
 
 
@@ -85,7 +90,10 @@ def cached_vs_full(n_patches: int, quick: bool) -> None:
         n_images = max(4, n_patches // 12)
         data_dir = make_synthetic_dataset(tmp / "data", n_train=n_images, n_test=0, size_range=(256, 320), seed=0)
         data = load_patch_dataset(
-            data_dir, strategy="topk", patch_size=128, stride=64, top_k=12, val_fraction=0.2, cache_dir=tmp / "cache"
+            data_dir,
+            PatchingConfig(strategy="topk", patch_size=128, stride=64, top_k=12),
+            val_fraction=0.2,
+            cache_dir=tmp / "cache",
         )
         labels = data["train"].features["label"].names
         torch.manual_seed(0)

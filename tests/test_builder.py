@@ -1,6 +1,9 @@
 """The patch dataset builder: features, grouped splits, determinism, the Arrow cache and its invalidation."""
 
+import dataclasses
 import os
+import subprocess
+import sys
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -12,10 +15,12 @@ from PIL import Image
 from test_sources import make_challenge, make_table, mask_image, tissue_image
 
 from hf_histo.data.builder import REPORT_NAME, HistoPatches, build_patch_dataset, load_patch_dataset
-from hf_histo.data.sources import DataError, Sample, read_samples
+from hf_histo.data.images import DataError
+from hf_histo.data.patching import PatchingConfig
+from hf_histo.data.sources import Sample, read_samples
 from hf_histo.data.splits import fold_assignments, split_samples
 
-SMALL = {"strategy": "topk", "patch_size": 32, "top_k": 2}
+SMALL = PatchingConfig(strategy="topk", patch_size=32, top_k=2)
 
 # 24 images of 8 patients; patients p0-p2 have images of both classes (as in GlaS).
 GROUPED_ROWS = [(f"im{i:02d}.png", "tumor" if (i % 3 == 0) ^ (i < 6) else "normal", f"p{i % 8}") for i in range(24)]
@@ -28,7 +33,7 @@ def grouped(tmp_path):
 
 def test_features_labels_and_patch_columns(tmp_path):
     root = make_challenge(tmp_path / "data", ["Luminal B", "HER2(+)", "Luminal A", "HER2(+)", "Luminal B"], n_test=2)
-    splits = load_patch_dataset(root, val_fraction=0, cache_dir=tmp_path / "cache", **SMALL)
+    splits = load_patch_dataset(root, SMALL, val_fraction=0, cache_dir=tmp_path / "cache")
     assert list(splits) == ["train", "test"]
     features = splits["train"].features
     assert set(features) == {"image", "label", "image_id", "group_id", "bbox", "foreground", "patch_index"}
@@ -53,14 +58,14 @@ def test_features_labels_and_patch_columns(tmp_path):
 def test_no_image_or_group_in_two_splits_and_deterministic(grouped, tmp_path):
     seen_validation = []
     for seed in range(3):
-        splits, report = build_patch_dataset(grouped, val_fraction=0.25, seed=seed, cache_dir=tmp_path / "c", **SMALL)
+        splits, report = build_patch_dataset(grouped, SMALL, val_fraction=0.25, seed=seed, cache_dir=tmp_path / "c")
         train_groups, val_groups = set(splits["train"]["group_id"]), set(splits["validation"]["group_id"])
         assert train_groups and val_groups and not train_groups & val_groups
         assert not set(splits["train"]["image_id"]) & set(splits["validation"]["image_id"])
         assert report.splits["train"]["images"] + report.splits["validation"]["images"] == 24
         seen_validation.append(sorted(set(splits["validation"]["image_id"])))
         again, _ = build_patch_dataset(
-            grouped, val_fraction=0.25, seed=seed, cache_dir=tmp_path / f"other{seed}", **SMALL
+            grouped, SMALL, val_fraction=0.25, seed=seed, cache_dir=tmp_path / f"other{seed}"
         )
         assert sorted(set(again["validation"]["image_id"])) == seen_validation[-1]  # same seed, fresh build
     assert len({tuple(v) for v in seen_validation}) > 1  # the seed matters
@@ -68,14 +73,14 @@ def test_no_image_or_group_in_two_splits_and_deterministic(grouped, tmp_path):
 
 def test_second_call_loads_the_cache_and_changes_rebuild(tmp_path, monkeypatch):
     root = make_table(tmp_path / "data", [(f"im{i}.png", "ab"[i % 2], f"p{i}") for i in range(6)])
-    kwargs = dict(val_fraction=0.34, cache_dir=tmp_path / "cache", **SMALL)
-    first, report = build_patch_dataset(root, **kwargs)
+    kwargs = dict(val_fraction=0.34, cache_dir=tmp_path / "cache")
+    first, report = build_patch_dataset(root, SMALL, **kwargs)
     assert not report.cached
 
     calls = []
     original = HistoPatches._patches
     monkeypatch.setattr(HistoPatches, "_patches", lambda self, s: calls.append(s.image_id) or original(self, s))
-    second, report2 = build_patch_dataset(root, **kwargs)
+    second, report2 = build_patch_dataset(root, SMALL, **kwargs)
     assert report2.cached and calls == []
     assert second["train"].cache_files == first["train"].cache_files
     assert report2.splits == report.splits
@@ -83,7 +88,7 @@ def test_second_call_loads_the_cache_and_changes_rebuild(tmp_path, monkeypatch):
     # A changed label rebuilds, and the new label is in the data.
     text = (root / "labels.csv").read_text().replace("im0.png,a,", "im0.png,b,")
     (root / "labels.csv").write_text(text)
-    third, report3 = build_patch_dataset(root, **kwargs)
+    third, report3 = build_patch_dataset(root, SMALL, **kwargs)
     assert not report3.cached and len(calls) == 6
     labels = {
         i: third[s].features["label"].int2str(lab)
@@ -97,17 +102,43 @@ def test_second_call_loads_the_cache_and_changes_rebuild(tmp_path, monkeypatch):
     mask = root / "masks" / "im3.png"
     stat = mask.stat()
     os.utime(mask, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    assert not build_patch_dataset(root, **kwargs)[1].cached and len(calls) == 6
-    assert build_patch_dataset(root, **kwargs)[1].cached
+    assert not build_patch_dataset(root, SMALL, **kwargs)[1].cached and len(calls) == 6
+    assert build_patch_dataset(root, SMALL, **kwargs)[1].cached
 
     # So does another patching parameter.
-    _, report5 = build_patch_dataset(root, **{**kwargs, "top_k": 3})
+    top3 = dataclasses.replace(SMALL, top_k=3)
+    _, report5 = build_patch_dataset(root, top3, **kwargs)
     assert not report5.cached and report5.patches_per_image["all"] == [3, 3.0, 3]
 
     # A cache without its build report (prepared by another version) still loads, with counts from the data.
     (Path(report5.cache_dir) / REPORT_NAME).unlink()
-    _, counted = build_patch_dataset(root, **{**kwargs, "top_k": 3})
+    _, counted = build_patch_dataset(root, top3, **kwargs)
     assert counted.cached and counted.splits == report5.splits and counted.mask_sources == {"unknown": 6}
+
+
+def test_the_patching_config_object_is_part_of_the_cache_key(tmp_path):
+    """An equal PatchingConfig reloads the cache (in another process too); any other value builds anew."""
+    root = make_challenge(tmp_path / "data", ["a", "b", "a"])
+    kwargs = dict(val_fraction=0, cache_dir=tmp_path / "cache")
+    _, first = build_patch_dataset(root, SMALL, **kwargs)
+    _, same = build_patch_dataset(root, PatchingConfig.from_dict(SMALL.to_dict()), **kwargs)  # equal, not identical
+    assert same.cached and same.cache_dir == first.cache_dir
+    # paint_background is not in the readable config name: only the object's hash tells the two caches apart.
+    painted = dataclasses.replace(SMALL, paint_background=True)
+    _, other = build_patch_dataset(root, painted, **kwargs)
+    assert not other.cached and other.config_name == first.config_name and other.cache_dir != first.cache_dir
+    assert build_patch_dataset(root, painted, **kwargs)[1].cache_dir == other.cache_dir
+    code = (
+        "from hf_histo.data.builder import build_patch_dataset\n"
+        "from hf_histo.data.patching import PatchingConfig\n"
+        f"report = build_patch_dataset({str(root)!r}, PatchingConfig(**{SMALL.to_dict()!r}), val_fraction=0, "
+        f"cache_dir={str(tmp_path / 'cache')!r})[1]\n"
+        "print(report.cached, report.cache_dir)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["True", first.cache_dir]
+    with pytest.raises(TypeError, match="patching must be a PatchingConfig, got dict"):
+        load_patch_dataset(root, SMALL.to_dict(), **kwargs)
 
 
 def test_k_folds_put_each_image_in_exactly_one_validation_fold(grouped, tmp_path):
@@ -119,7 +150,7 @@ def test_k_folds_put_each_image_in_exactly_one_validation_fold(grouped, tmp_path
         assert group_folds.setdefault(s.group_id, folds[s.image_id]) == folds[s.image_id]  # groups stay whole
     validation = Counter()
     for fold in range(4):
-        splits = load_patch_dataset(grouped, n_folds=4, fold=fold, seed=1, cache_dir=tmp_path / "c", **SMALL)
+        splits = load_patch_dataset(grouped, SMALL, n_folds=4, fold=fold, seed=1, cache_dir=tmp_path / "c")
         val_ids = set(splits["validation"]["image_id"])
         assert val_ids == {i for i, f in folds.items() if f == fold}
         assert not val_ids & set(splits["train"]["image_id"])
@@ -164,18 +195,19 @@ def test_strategies_whole_grid_components_and_report(tmp_path):
     Image.fromarray(np.zeros((80, 96), np.uint8)).save(train / "mask_0001.png")  # empty mask
     (train / "mask_0002.png").unlink()  # no mask: tissue detection
     cache = tmp_path / "cache"
-    whole, report = build_patch_dataset(root, strategy="whole", val_fraction=0, cache_dir=cache)
+    whole, report = build_patch_dataset(root, PatchingConfig(strategy="whole"), val_fraction=0, cache_dir=cache)
     assert len(whole["train"]) == 3 and {tuple(b) for b in whole["train"]["bbox"]} == {(0, 0, 96, 80)}
     assert report.mask_sources == {"empty_mask_tissue": 1, "mask": 1, "tissue": 1}
     assert report.empty_mask_fallbacks == 1 and report.tissue_detected == 2
-    _, report = build_patch_dataset(root, strategy="whole", val_fraction=0, empty_fallback="whole", cache_dir=cache)
+    whole_fallback = PatchingConfig(strategy="whole", empty_fallback="whole")
+    _, report = build_patch_dataset(root, whole_fallback, val_fraction=0, cache_dir=cache)
     assert report.mask_sources["empty_mask_whole"] == 1
-    grid, report = build_patch_dataset(
-        root, strategy="grid", patch_size=40, min_foreground=1500, val_fraction=0, cache_dir=cache
-    )
+    grid_config = PatchingConfig(strategy="grid", patch_size=40, min_foreground=1500)
+    grid, report = build_patch_dataset(root, grid_config, val_fraction=0, cache_dir=cache)
     assert report.n_images == 3 and set(grid["train"]["image_id"]) == {"img_0000", "img_0001", "img_0002"}
     assert all(n >= 1 for n in Counter(grid["train"]["image_id"]).values())
-    comps, report = build_patch_dataset(root, strategy="components", min_area=10**6, val_fraction=0, cache_dir=cache)
+    huge_components = PatchingConfig(strategy="components", min_area=10**6)
+    comps, report = build_patch_dataset(root, huge_components, val_fraction=0, cache_dir=cache)
     assert report.zero_patch_fallbacks == 3 and report.patches_per_image["all"] == [1, 1.0, 1]  # fallback tile
     assert {tuple(b)[2:] for b in comps["train"]["bbox"]} == {(224, 224)}
 
@@ -185,9 +217,10 @@ def test_paint_background_reaches_the_patches(tmp_path):
     mask = np.zeros((80, 96), np.uint8)
     mask[:, :48] = 255
     Image.fromarray(mask).save(root / "train_data" / "mask_0000.png")
-    kwargs = dict(strategy="whole", val_fraction=0, cache_dir=tmp_path / "c")
-    painted = np.asarray(load_patch_dataset(root, paint_background=True, **kwargs)["train"][0]["image"])
-    plain = np.asarray(load_patch_dataset(root, **kwargs)["train"][0]["image"])
+    kwargs = dict(val_fraction=0, cache_dir=tmp_path / "c")
+    painted_config = PatchingConfig(strategy="whole", paint_background=True)
+    painted = np.asarray(load_patch_dataset(root, painted_config, **kwargs)["train"][0]["image"])
+    plain = np.asarray(load_patch_dataset(root, PatchingConfig(strategy="whole"), **kwargs)["train"][0]["image"])
     assert (painted[:, 48:] == 255).all() and not (plain[:, 48:] == 255).all()
     assert np.array_equal(painted[:, :48], plain[:, :48])
 
@@ -195,8 +228,8 @@ def test_paint_background_reaches_the_patches(tmp_path):
 def test_num_proc_builds_the_same_patches(tmp_path):
     rows = [(f"im{i:02d}.png", "ab"[i % 2], f"p{i}") for i in range(8)]
     root = make_table(tmp_path / "data", rows)
-    one = load_patch_dataset(root, val_fraction=0, cache_dir=tmp_path / "c1", **SMALL)["train"]
-    two = load_patch_dataset(root, val_fraction=0, cache_dir=tmp_path / "c2", num_proc=2, **SMALL)["train"]
+    one = load_patch_dataset(root, SMALL, val_fraction=0, cache_dir=tmp_path / "c1")["train"]
+    two = load_patch_dataset(root, SMALL, val_fraction=0, cache_dir=tmp_path / "c2", num_proc=2)["train"]
     key = lambda d: sorted(zip(d["image_id"], d["patch_index"], map(tuple, d["bbox"])))  # noqa: E731
     assert key(one) == key(two)
 
@@ -207,10 +240,11 @@ def test_builder_used_by_hand(tmp_path):
     mask_image(7).save(root / "train_data" / "mask_0002.png")
     with open(root / "train_labels.csv", "a") as f:
         f.write("img_0002.png,a\n")
+    patching = PatchingConfig(strategy="topk", top_k=1, patch_size=32)
     builder = HistoPatches(
-        config_name="topk", data_dir=str(root), top_k=1, patch_size=32, val_fraction=0, cache_dir=str(tmp_path / "c")
+        config_name="topk", data_dir=str(root), patching=patching, val_fraction=0, cache_dir=str(tmp_path / "c")
     )
-    assert builder.hash and builder.config.strategy == "topk"
+    assert builder.hash and builder.config.patching == patching
     builder.download_and_prepare()
     assert len(builder.as_dataset(split="train")) == 3
 
@@ -226,7 +260,7 @@ def test_inspect_flags_and_figures(tmp_path):
     (train / "img_0003.png").write_bytes((train / "img_0003.png").read_bytes()[:100])
     with pytest.raises(DataError, match=r"img_0003\.png: truncated"):
         inspect_dataset(root, tmp_path / "out")
-    report = inspect_dataset(root, tmp_path / "out", patch_size=32, on_error="skip", n_contact=3)
+    report = inspect_dataset(root, tmp_path / "out", PatchingConfig(patch_size=32), on_error="skip", n_contact=3)
     assert report.n_images == 5 and report.split_counts == {"train": 4, "test": 1}
     assert report.class_counts == {"(no label)": 1, "a": 3, "b": 1}
     assert report.flags["missing_mask"] == ["img_0000"] and report.flags["empty_mask"] == ["img_0001"]

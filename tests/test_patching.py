@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 from PIL import Image
+from reference_patching import reference_grid_boxes, reference_topk_boxes
 
 from hf_histo.data.patching import (
     PATCHING_VERSION,
@@ -10,12 +11,9 @@ from hf_histo.data.patching import (
     PatchingConfig,
     component_boxes,
     crop_patch,
-    extract_patches,
     grid_boxes,
     grid_counts,
     grid_positions,
-    reference_grid_boxes,
-    reference_topk_boxes,
     topk_boxes,
     whole_box,
 )
@@ -144,20 +142,22 @@ def test_config_fallback_dict_roundtrip_and_validation():
     )
     assert PatchingConfig.from_dict({**grid.to_dict(), "future_key": 1}) == grid
     assert PatchingConfig(strategy="topk", patch_size=100).topk_stride == 50
-    with pytest.raises(ValueError, match="unknown patching strategy"):
-        PatchingConfig(strategy="random")
-    with pytest.raises(ValueError, match="positive"):
-        PatchingConfig(patch_size=0)
     assert PATCHING_VERSION
 
 
-def test_extract_patches_crops_each_box():
-    rng = np.random.default_rng(0)
-    image = Image.fromarray(rng.integers(0, 255, (120, 90, 3), dtype=np.uint8))
-    mask = blob_mask((120, 90), 1)
-    config = PatchingConfig(strategy="topk", patch_size=32, stride=16, top_k=4)
-    pairs = extract_patches(image, mask, config)
-    assert [box for box, _ in pairs] == topk_boxes(mask, 32, 16, 4)
-    for box, patch in pairs:
-        assert patch.size == (32, 32)
-        assert np.array_equal(np.asarray(patch), np.asarray(crop_patch(image, box)))
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"strategy": "random"}, "unknown patching strategy 'random'"),
+        ({"patch_size": 0}, "patch_size and stride must be positive"),
+        ({"stride": -1}, "patch_size and stride must be positive"),
+        ({"empty_fallback": "black"}, "empty_fallback must be 'tissue' or 'whole'"),
+        ({"min_fraction": 0.0}, r"min_fraction must be in \(0, 1\]"),
+        ({"min_fraction": 1.5}, r"min_fraction must be in \(0, 1\]"),
+        ({"top_k": 0}, "top_k must be >= 1"),
+        ({"pad": -2}, "min_foreground, min_area and pad must be >= 0"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PatchingConfig(**kwargs)

@@ -49,7 +49,7 @@ def test_glas_patients_span_images_and_splits_keep_them_whole(shared_data):
 def test_glas_patch_dataset_validation_holds_whole_patients(shared_data, tmp_path):
     root = shared_data("glas_train")
     splits, report = build_patch_dataset(
-        root, strategy="topk", patch_size=64, top_k=2, val_fraction=0.2, seed=0, cache_dir=tmp_path
+        root, PatchingConfig(strategy="topk", patch_size=64, top_k=2), val_fraction=0.2, seed=0, cache_dir=tmp_path
     )
     train_patients, val_patients = set(splits["train"]["group_id"]), set(splits["validation"]["group_id"])
     assert val_patients and not train_patients & val_patients
@@ -61,7 +61,7 @@ def test_glas_patch_dataset_validation_holds_whole_patients(shared_data, tmp_pat
     for patient in val_patients:
         assert {i for i, g in labels.items() if g == patient} <= set(splits["validation"]["image_id"])
     _, cached = build_patch_dataset(
-        root, strategy="topk", patch_size=64, top_k=2, val_fraction=0.2, seed=0, cache_dir=tmp_path
+        root, PatchingConfig(strategy="topk", patch_size=64, top_k=2), val_fraction=0.2, seed=0, cache_dir=tmp_path
     )
     assert cached.cached and cached.seconds < report.seconds
 
@@ -69,7 +69,10 @@ def test_glas_patch_dataset_validation_holds_whole_patients(shared_data, tmp_pat
 @pytest.mark.slow
 def test_monuseg_test_split_and_labels(shared_data, tmp_path):
     splits, report = build_patch_dataset(
-        shared_data("monuseg"), strategy="topk", patch_size=64, top_k=1, val_fraction=0.2, cache_dir=tmp_path
+        shared_data("monuseg"),
+        PatchingConfig(strategy="topk", patch_size=64, top_k=1),
+        val_fraction=0.2,
+        cache_dir=tmp_path,
     )
     assert set(splits) == {"train", "validation", "test"}
     assert report.splits["test"]["images"] == 14 and report.n_images == 44

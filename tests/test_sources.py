@@ -8,7 +8,11 @@ import pytest
 from PIL import Image
 
 from hf_histo.data.builder import build_patch_dataset
-from hf_histo.data.sources import DataError, detect_layout, load_image, read_samples
+from hf_histo.data.images import DataError, load_image
+from hf_histo.data.patching import PatchingConfig
+from hf_histo.data.sources import detect_layout, read_samples
+
+TOP1 = PatchingConfig(strategy="topk", patch_size=32, top_k=1)
 
 SIZE = (96, 80)  # width, height of the generated images
 
@@ -189,9 +193,8 @@ def test_mixed_image_modes_build(tmp_path):
     root = make_challenge(tmp_path / "data", ["a", "b", "a", "b"])
     for i, save in enumerate(SAVERS.values()):
         save(root / "train_data" / f"img_{i:04d}.png")
-    dataset, report = build_patch_dataset(
-        root, strategy="topk", patch_size=32, top_k=2, val_fraction=0, cache_dir=tmp_path / "cache"
-    )
+    top2 = PatchingConfig(strategy="topk", patch_size=32, top_k=2)
+    dataset, report = build_patch_dataset(root, top2, val_fraction=0, cache_dir=tmp_path / "cache")
     assert report.n_images == 4 and report.skipped == []
     assert {dataset["train"][i]["image"].mode for i in range(len(dataset["train"]))} == {"RGB"}
 
@@ -322,9 +325,7 @@ def test_broken_input_gives_a_clear_error(tmp_path, monkeypatch, make, kwargs, m
     if make is _bomb:
         monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL's guard stays on, just lower
     with pytest.raises(DataError, match=message):
-        build_patch_dataset(
-            root, strategy="topk", patch_size=32, top_k=1, val_fraction=0, cache_dir=tmp_path / "cache", **kwargs
-        )
+        build_patch_dataset(root, TOP1, val_fraction=0, cache_dir=tmp_path / "cache", **kwargs)
 
 
 def test_decompression_bomb_knob_raises_the_limit(tmp_path, monkeypatch):
@@ -334,9 +335,8 @@ def test_decompression_bomb_knob_raises_the_limit(tmp_path, monkeypatch):
         load_image(root / "train_data" / "img_0000.png")
     assert load_image(root / "train_data" / "img_0000.png", max_pixels=10**6).size == SIZE
     assert Image.MAX_IMAGE_PIXELS == 1000  # restored after the call
-    _, report = build_patch_dataset(
-        root, strategy="whole", val_fraction=0, max_image_pixels=10**6, cache_dir=tmp_path / "c"
-    )
+    whole = PatchingConfig(strategy="whole")
+    _, report = build_patch_dataset(root, whole, val_fraction=0, max_image_pixels=10**6, cache_dir=tmp_path / "c")
     assert report.n_images == 1
 
 
@@ -347,16 +347,12 @@ def test_on_error_skip_lists_every_bad_sample(tmp_path):
     (train / "img_0002.png").write_text("not an image")
     mask_image(3, (50, 40)).save(train / "mask_0003.png")
     tissue_image(9).save(train / "img_0009.png")  # no CSV row
-    dataset, report = build_patch_dataset(
-        root, strategy="topk", patch_size=32, top_k=1, val_fraction=0, on_error="skip", cache_dir=tmp_path / "cache"
-    )
+    dataset, report = build_patch_dataset(root, TOP1, val_fraction=0, on_error="skip", cache_dir=tmp_path / "cache")
     skipped = {Path(file).name: reason for file, reason in report.skipped}
     assert set(skipped) == {"img_0001.png", "img_0002.png", "img_0003.png", "img_0009.png"}
     assert "truncated" in skipped["img_0001.png"] and "mask size" in skipped["img_0003.png"]
     assert sorted(set(dataset["train"]["image_id"])) == ["img_0000", "img_0004", "img_0005"]
     assert "skipped 4" in report.summary()
     # The report survives the cache: a second call lists the same skipped files.
-    _, again = build_patch_dataset(
-        root, strategy="topk", patch_size=32, top_k=1, val_fraction=0, on_error="skip", cache_dir=tmp_path / "cache"
-    )
+    _, again = build_patch_dataset(root, TOP1, val_fraction=0, on_error="skip", cache_dir=tmp_path / "cache")
     assert again.cached and again.skipped == report.skipped

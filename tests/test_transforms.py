@@ -1,4 +1,4 @@
-"""Tests of patch transforms: processor-derived input specs, deterministic eval, augmentations, CutMix/MixUp, TTA."""
+"""Tests of patch transforms: processor-derived input specs, deterministic eval, saved processor, augmentations."""
 
 import numpy as np
 import pytest
@@ -14,10 +14,9 @@ from hf_histo.data.transforms import (
     build_batch_mixer,
     build_transforms,
     input_spec,
+    make_image_processor,
     patch_transform_fn,
-    tta_views,
 )
-from hf_histo.training.embeddings import D4_SUBSETS
 
 
 def _image(seed: int = 0, size: tuple[int, int] = (48, 40)) -> Image.Image:
@@ -60,6 +59,24 @@ def test_eval_transform_is_deterministic_resize_and_normalise():
     torch.manual_seed(0)
     first = build_transforms(spec, train=True, augment="none")(noisy)
     torch.testing.assert_close(first, transform(noisy))  # augment="none" trains on the eval view
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        48,
+        InputSpec(40, (0.1, 0.2, 0.3), (0.5, 0.6, 0.7)),
+        ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.25] * 3),
+    ],
+)
+def test_make_image_processor_is_the_eval_transform(source):
+    processor = make_image_processor(source)
+    spec = input_spec(source)
+    assert processor.size == {"height": spec.size, "width": spec.size}
+    patch = _image(5, (70, 52))
+    ours = processor(images=[patch], return_tensors="pt")["pixel_values"][0]
+    torch.testing.assert_close(ours, build_transforms(source, train=False)(patch), atol=1e-4, rtol=0)
+    assert make_image_processor(processor).to_dict() == processor.to_dict()  # saving it again changes nothing
 
 
 def test_train_transform_is_random_but_seeded():
@@ -134,15 +151,3 @@ def test_collator_and_dataset_transform():
     assert batch["pixel_values"].shape == (3, 3, 16, 16)
     assert batch["labels"].tolist() == [0, 1, 1]
     assert list(view.with_format(None)["image_id"]) == ["a", "a", "b"]
-
-
-def test_tta_views_and_the_d4_subsets_used_by_the_embedding_cache():
-    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
-    assert len(tta_views(x, "none")) == 1
-    d4 = tta_views(x, "d4")
-    assert len({tuple(v.flatten().tolist()) for v in d4}) == 8
-    flips = tta_views(x, "flips")
-    for i, j in enumerate(D4_SUBSETS["flips"]):
-        torch.testing.assert_close(flips[i], d4[j])
-    with pytest.raises(ValueError, match="unknown TTA mode"):
-        tta_views(x, "five_crop")

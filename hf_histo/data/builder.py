@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
-import os
-import statistics
 import time
 import uuid
 from collections import Counter
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +17,12 @@ import datasets
 from datasets.exceptions import DatasetGenerationError
 from PIL import Image
 
-from .. import __version__
+from .build_report import BuildReport
+from .fingerprint import dataset_fingerprint
+from .images import DataError, load_image
 from .masks import resolve_mask
-from .patching import PATCHING_VERSION, STRATEGIES, PatchBox, PatchingConfig, crop_patch
-from .sources import DataError, Sample, SampleSet, load_image, read_samples
+from .patching import STRATEGIES, PatchBox, PatchingConfig, crop_patch
+from .sources import Sample, SampleSet, read_samples
 from .splits import split_samples
 
 logger = logging.getLogger(__name__)
@@ -42,8 +42,6 @@ __all__ = [
 PNG_COMPRESS_LEVEL = 1
 REPORT_NAME = "build_report.json"
 _RECORDS_DIR = "hf_histo_records"
-_CODE_FILES = ("sources.py", "masks.py", "patching.py", "splits.py", "builder.py")
-_PATCHING_FIELDS = tuple(f.name for f in fields(PatchingConfig))
 
 
 def patch_features(label_names: list[str]) -> datasets.Features:
@@ -76,9 +74,7 @@ class HistoPatchesConfig(datasets.BuilderConfig):
         layout: Force a data layout (detected when None).
         manifest: A ``clean_manifest.csv`` to read instead of the folder's own files.
         exclude: A file of image ids to leave out.
-        strategy: ``"grid"``, ``"components"``, ``"topk"`` or ``"whole"`` (see ``PatchingConfig``).
-        patch_size, stride, min_foreground, min_fraction, top_k, min_area, pad, paint_background,
-            empty_fallback: ``PatchingConfig`` fields.
+        patching: How patches are cut (the same object is stored in the trained model's config).
         val_fraction: Share of groups for validation (ignored with ``n_folds``).
         seed: Split seed.
         n_folds: Cross-validation folds; ``fold`` is then the validation fold.
@@ -91,16 +87,7 @@ class HistoPatchesConfig(datasets.BuilderConfig):
     layout: str | None = None
     manifest: str | None = None
     exclude: str | None = None
-    strategy: str = "grid"
-    patch_size: int = 224
-    stride: int | None = None
-    min_foreground: int = 200
-    min_fraction: float | None = None
-    top_k: int = 12
-    min_area: int = 200
-    pad: int = 0
-    paint_background: bool = False
-    empty_fallback: str = "tissue"
+    patching: PatchingConfig = field(default_factory=PatchingConfig)
     val_fraction: float = 0.1
     seed: int = 0
     n_folds: int | None = None
@@ -109,15 +96,12 @@ class HistoPatchesConfig(datasets.BuilderConfig):
     resize_masks: bool = False
     max_image_pixels: int | None = None
 
-    @property
-    def patching(self) -> PatchingConfig:
-        """The patching part of the options."""
-        return PatchingConfig(**{name: getattr(self, name) for name in _PATCHING_FIELDS})
-
     def options(self) -> dict[str, Any]:
-        """Every option that changes the dataset's content (part of the cache key)."""
+        """Every option that changes the dataset's content, as plain JSON values (part of the cache key)."""
         skip = {"name", "version", "description", "data_files"}
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        values["patching"] = self.patching.to_dict()
+        return values
 
 
 def config_name(patching: PatchingConfig) -> str:
@@ -131,49 +115,6 @@ def config_name(patching: PatchingConfig) -> str:
     if p.strategy == "components":
         return f"components-a{p.min_area}-pad{p.pad}"
     return "whole"
-
-
-def _stat(path: Path | None) -> list[Any] | None:
-    if path is None:
-        return None
-    st = os.stat(path)
-    return [str(path), st.st_size, st.st_mtime_ns]
-
-
-def _code_digest() -> str:
-    digest = hashlib.sha256()
-    here = Path(__file__).parent
-    for name in _CODE_FILES:
-        digest.update(name.encode())
-        digest.update((here / name).read_bytes())
-    return digest.hexdigest()
-
-
-def dataset_fingerprint(sample_set: SampleSet, config: HistoPatchesConfig) -> str:
-    """The cache key of a patch dataset: versions, code, options, and every source file's size and mtime.
-
-    Changing, adding or removing an image, a mask or a label (or editing the data modules) changes it.
-    """
-    tables = [p for p in (sample_set.root / "labels.csv", sample_set.root / "train_labels.csv") if p.is_file()]
-    if sample_set.root.is_file():
-        tables.append(sample_set.root)
-    if config.exclude:
-        tables.append(Path(config.exclude))
-    payload = {
-        "hf_histo": __version__,
-        "patching_version": PATCHING_VERSION,
-        "code": _code_digest(),
-        "options": config.options(),
-        "layout": sample_set.layout,
-        "tables": [_stat(p) for p in tables],
-        "samples": [
-            [s.image_id, _stat(s.image_path), _stat(s.mask_path), s.label, s.group_id, s.split]
-            for s in sample_set.samples
-        ],
-        "skipped": sample_set.skipped,
-    }
-    blob = json.dumps(payload, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:20]
 
 
 class HistoPatches(datasets.GeneratorBasedBuilder):
@@ -192,20 +133,31 @@ class HistoPatches(datasets.GeneratorBasedBuilder):
 
     Use ``load_patch_dataset`` (or ``build_patch_dataset``); to drive it by hand::
 
-        builder = HistoPatches(config_name="topk", data_dir="DATA", top_k=8, cache_dir="cache")
+        patching = PatchingConfig(strategy="topk", top_k=8)
+        builder = HistoPatches(config_name="topk", data_dir="DATA", patching=patching, cache_dir="cache")
         builder.download_and_prepare()
         splits = builder.as_dataset()
 
-    One ``BuilderConfig`` per strategy is predefined; any config field can be overridden as a keyword.
-    When ``hash`` is not given the builder fingerprints the data itself (``dataset_fingerprint``).
+    One ``BuilderConfig`` per strategy is predefined (that strategy with default parameters); any config field
+    can be overridden as a keyword, ``patching`` as a whole ``PatchingConfig``. When ``hash`` is not given the
+    builder fingerprints the data itself (``dataset_fingerprint``).
     """
 
     VERSION = datasets.Version("1.0.0")
     BUILDER_CONFIG_CLASS = HistoPatchesConfig
-    BUILDER_CONFIGS = [HistoPatchesConfig(name=s, strategy=s, version=datasets.Version("1.0.0")) for s in STRATEGIES]
+    BUILDER_CONFIGS = [
+        HistoPatchesConfig(name=s, patching=PatchingConfig(strategy=s), version=datasets.Version("1.0.0"))
+        for s in STRATEGIES
+    ]
     DEFAULT_CONFIG_NAME = "grid"
 
     def __init__(self, *args: Any, sample_set: SampleSet | None = None, **kwargs: Any):
+        patching = kwargs.get("patching")
+        if patching is not None and not isinstance(patching, PatchingConfig):
+            raise TypeError(
+                f"patching must be a PatchingConfig, got {type(patching).__name__} "
+                "(a dict from a model config converts with PatchingConfig.from_dict)"
+            )
         self._sample_set = sample_set
         kwargs.setdefault("dataset_name", "histo_patches")
         super().__init__(*args, **kwargs)
@@ -223,7 +175,7 @@ class HistoPatches(datasets.GeneratorBasedBuilder):
     def _build_cache_dir(self) -> str:
         # Called from DatasetBuilder.__init__ once the config exists: fingerprint the data there.
         if self.hash is None:
-            self.hash = dataset_fingerprint(self.sample_set, self.config)
+            self.hash = dataset_fingerprint(self.sample_set, self.config.options())
         return super()._build_cache_dir()
 
     def _info(self) -> datasets.DatasetInfo:
@@ -247,16 +199,15 @@ class HistoPatches(datasets.GeneratorBasedBuilder):
         ]
 
     def _patches(self, sample: Sample) -> tuple[list[tuple[PatchBox, Image.Image]], str, bool]:
-        c = self.config
+        c, patching = self.config, self.config.patching
         image = load_image(sample.image_path, c.max_image_pixels)
         mask, source = resolve_mask(
-            image, sample.mask_path, c.empty_fallback, c.resize_masks, sample.image_path, c.max_image_pixels
+            image, sample.mask_path, patching.empty_fallback, c.resize_masks, sample.image_path, c.max_image_pixels
         )
-        patching = c.patching
         boxes, fell_back = patching.boxes_with_fallback(mask)
         return [(box, crop_patch(image, box, mask, patching.paint_background)) for box in boxes], source, fell_back
 
-    def _generate_examples(self, samples: list[Sample], split: str):
+    def _generate_examples(self, samples: list[Sample], split: str) -> Iterator[tuple[str, dict[str, Any]]]:
         label_names = self.info.features["label"].names
         records = []
         for sample in samples:
@@ -299,6 +250,26 @@ class HistoPatches(datasets.GeneratorBasedBuilder):
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{split}-{uuid.uuid4().hex}.json").write_text(json.dumps(records))
 
+    def report(self, records: list[dict[str, Any]]) -> BuildReport:
+        """The build report of this builder from per-image records (see ``BuildReport.from_records``)."""
+        return BuildReport.from_records(
+            records,
+            data_dir=str(self.config.data_dir or self.config.manifest),
+            layout=self.sample_set.layout,
+            config_name=config_name(self.config.patching),
+            label_names=self.info.features["label"].names,
+            skipped=self.sample_set.skipped,
+        )
+
+    def report_from_dataset(self, dataset: datasets.DatasetDict) -> BuildReport:
+        """A partial report (no mask sources or fallbacks) counted from a built dataset."""
+        records = [
+            {"image_id": i, "split": name, "patches": n, "mask_source": "unknown", "fallback": False}
+            for name, split in dataset.items()
+            for i, n in Counter(split["image_id"]).items()
+        ]
+        return self.report(records)
+
     def _download_and_prepare(self, dl_manager: Any, verification_mode: Any, **kwargs: Any) -> None:
         super()._download_and_prepare(dl_manager, verification_mode, **kwargs)
         records_dir = Path(self._output_dir) / _RECORDS_DIR
@@ -308,129 +279,9 @@ class HistoPatches(datasets.GeneratorBasedBuilder):
             path.unlink()
         if records_dir.is_dir():
             records_dir.rmdir()
-        report = BuildReport.from_records(self, records)
+        report = self.report(records)
         # Written inside the builder's temporary folder, which datasets renames into the cache.
         (Path(self._output_dir) / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=1))
-
-
-@dataclass
-class BuildReport:
-    """What a patch dataset build did.
-
-    Attributes:
-        data_dir: The data folder (or manifest).
-        layout: The layout read.
-        config_name: Strategy and parameters, e.g. ``topk-p128-s64-k12``.
-        label_names: Class names (ClassLabel order).
-        splits: ``{split: {"images": n, "patches": n}}``.
-        patches_per_image: ``{split or "all": [min, median, max]}``.
-        mask_sources: How many images used their ``mask``, ``tissue`` detection (no mask),
-            ``empty_mask_tissue`` / ``empty_mask_whole`` (empty mask fallback) or ``whole`` (nothing found).
-        zero_patch_fallbacks: Images where the strategy found no patch and the best single tile was used.
-        skipped: ``[file, reason]`` of every sample left out (``on_error="skip"``).
-        images: Per image: ``image_id``, ``group_id``, ``split``, ``patches``, ``mask_source``, ``fallback``.
-        cache_dir: Where the Arrow files are.
-        cached: Whether this call loaded an existing cache.
-        seconds: Time of this call.
-    """
-
-    data_dir: str
-    layout: str
-    config_name: str
-    label_names: list[str]
-    splits: dict[str, dict[str, int]] = field(default_factory=dict)
-    patches_per_image: dict[str, list[float]] = field(default_factory=dict)
-    mask_sources: dict[str, int] = field(default_factory=dict)
-    zero_patch_fallbacks: int = 0
-    skipped: list[list[str]] = field(default_factory=list)
-    images: list[dict[str, Any]] = field(default_factory=list)
-    cache_dir: str = ""
-    cached: bool = False
-    seconds: float = 0.0
-
-    @property
-    def n_images(self) -> int:
-        """Images that yielded patches."""
-        return sum(s["images"] for s in self.splits.values())
-
-    @property
-    def n_patches(self) -> dict[str, int]:
-        """Patches per split."""
-        return {name: s["patches"] for name, s in self.splits.items()}
-
-    @property
-    def empty_mask_fallbacks(self) -> int:
-        """Images whose mask was empty (replaced by tissue detection or the whole image)."""
-        return sum(n for source, n in self.mask_sources.items() if source.startswith("empty_mask"))
-
-    @property
-    def tissue_detected(self) -> int:
-        """Images patched on detected tissue (no mask, or an empty mask with the tissue fallback)."""
-        return self.mask_sources.get("tissue", 0) + self.mask_sources.get("empty_mask_tissue", 0)
-
-    @classmethod
-    def from_records(cls, builder: HistoPatches, records: list[dict[str, Any]]) -> BuildReport:
-        """Summarise the per-image records the generator wrote."""
-        good = [r for r in records if "error" not in r]
-        splits: dict[str, dict[str, int]] = {}
-        per_split: dict[str, list[int]] = {}
-        for r in good:
-            entry = splits.setdefault(r["split"], {"images": 0, "patches": 0})
-            entry["images"] += 1
-            entry["patches"] += r["patches"]
-            per_split.setdefault(r["split"], []).append(r["patches"])
-        per_split["all"] = [r["patches"] for r in good]
-        order = {"train": 0, "validation": 1, "test": 2}
-        return cls(
-            data_dir=str(builder.config.data_dir or builder.config.manifest),
-            layout=builder.sample_set.layout,
-            config_name=config_name(builder.config.patching),
-            label_names=list(builder.info.features["label"].names),
-            splits=dict(sorted(splits.items(), key=lambda kv: order.get(kv[0], 9))),
-            patches_per_image={k: _stats(v) for k, v in per_split.items() if v},
-            mask_sources=dict(sorted(Counter(r["mask_source"] for r in good).items())),
-            zero_patch_fallbacks=sum(bool(r["fallback"]) for r in good),
-            skipped=[list(x) for x in builder.sample_set.skipped] + [r["error"] for r in records if "error" in r],
-            images=sorted(good, key=lambda r: r["image_id"]),
-        )
-
-    @classmethod
-    def from_dataset(cls, builder: HistoPatches, dataset: datasets.DatasetDict) -> BuildReport:
-        """A partial report (no mask sources or fallbacks) counted from a built dataset."""
-        records = [
-            {"image_id": i, "split": name, "patches": n, "mask_source": "unknown", "fallback": False}
-            for name, split in dataset.items()
-            for i, n in Counter(split["image_id"]).items()
-        ]
-        return cls.from_records(builder, records)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> BuildReport:
-        """Inverse of ``to_dict`` (unknown keys ignored)."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    def summary(self) -> str:
-        """A few lines for logs and the CLI."""
-        parts = ", ".join(f"{k} {v['images']} images/{v['patches']} patches" for k, v in self.splits.items())
-        ppi = self.patches_per_image.get("all", [0, 0, 0])
-        lines = [
-            f"{self.config_name} on {self.data_dir} ({self.layout}): {parts}",
-            f"patches per image min/median/max {ppi[0]:g}/{ppi[1]:g}/{ppi[2]:g}; classes {self.label_names}",
-            f"masks: {self.mask_sources}; empty-mask fallbacks {self.empty_mask_fallbacks}; "
-            f"zero-patch fallbacks {self.zero_patch_fallbacks}; skipped {len(self.skipped)}",
-            f"{'loaded from cache' if self.cached else 'built'} in {self.seconds:.2f}s: {self.cache_dir}",
-        ]
-        lines += [f"  skipped {file}: {reason}" for file, reason in self.skipped]
-        return "\n".join(lines)
-
-
-def _stats(values: list[int]) -> list[float]:
-    return [min(values), float(statistics.median(values)), max(values)]
 
 
 def _unwrap_data_error(error: BaseException) -> DataError | None:
@@ -443,18 +294,9 @@ def _unwrap_data_error(error: BaseException) -> DataError | None:
 
 
 def build_patch_dataset(
-    data_dir: str | Path,
+    data: str | Path,
+    patching: PatchingConfig | None = None,
     *,
-    strategy: str = "grid",
-    patch_size: int = 224,
-    stride: int | None = None,
-    min_foreground: int = 200,
-    min_fraction: float | None = None,
-    top_k: int | None = None,
-    min_area: int = 200,
-    pad: int = 0,
-    paint_background: bool = False,
-    empty_fallback: str = "tissue",
     val_fraction: float = 0.1,
     seed: int = 0,
     n_folds: int | None = None,
@@ -471,17 +313,8 @@ def build_patch_dataset(
     """Build (or load from cache) the patch dataset of a data folder, and say what was done.
 
     Args:
-        data_dir: A data folder in any layout, or a ``clean_manifest.csv``.
-        strategy: ``"grid"``, ``"components"``, ``"topk"`` or ``"whole"``.
-        patch_size: Tile side for grid/topk, in source pixels.
-        stride: Tile step (grid: ``patch_size``; topk: ``patch_size // 2`` when None).
-        min_foreground: Minimum mask pixels per grid tile.
-        min_fraction: Optional minimum mask fraction per grid tile.
-        top_k: Tiles per image for topk (``PatchingConfig`` default 12 when None).
-        min_area: Minimum component area (components).
-        pad: Padding around component boxes.
-        paint_background: Paint pixels outside the mask white.
-        empty_fallback: An empty mask becomes detected ``"tissue"`` or the ``"whole"`` image.
+        data: A data folder in any layout, or a ``clean_manifest.csv``.
+        patching: How patches are cut (``PatchingConfig()`` defaults when None).
         val_fraction: Share of groups in the validation split (0: none).
         seed: Split seed.
         n_folds: Cross-validation folds (``fold`` is validation).
@@ -501,31 +334,28 @@ def build_patch_dataset(
 
     Raises:
         DataError: A problem with the data, naming the file.
+        TypeError: ``patching`` is not a ``PatchingConfig``.
     """
     start = time.perf_counter()
-    options = {
-        "strategy": strategy,
-        "patch_size": patch_size,
-        "stride": stride,
-        "min_foreground": min_foreground,
-        "min_fraction": min_fraction,
-        "top_k": PatchingConfig.top_k if top_k is None else top_k,
-        "min_area": min_area,
-        "pad": pad,
-        "paint_background": paint_background,
-        "empty_fallback": empty_fallback,
-    }
-    patching = PatchingConfig(**options)  # validates early, before reading any file
-    sample_set = read_samples(manifest or data_dir, layout, on_error, manifest, exclude)
+    patching = PatchingConfig() if patching is None else patching
+    if not isinstance(patching, PatchingConfig):  # checked before reading any file
+        raise TypeError(
+            f"patching must be a PatchingConfig, got {type(patching).__name__}: "
+            "load_patch_dataset(data, PatchingConfig(strategy=..., patch_size=...), ...)"
+        )
+    sample_set = read_samples(manifest or data, layout, on_error, manifest, exclude)
+    # datasets copies the predefined config of the strategy and sets every option that is not None on it
+    # (None options keep that config's defaults, which are None too).
     builder = HistoPatches(
         cache_dir=None if cache_dir is None else str(cache_dir),
-        config_name=strategy,
+        config_name=patching.strategy,
         sample_set=sample_set,
         name=config_name(patching),
-        data_dir=str(Path(data_dir).resolve()),
+        data_dir=str(Path(data).resolve()),
         layout=layout,
         manifest=None if manifest is None else str(Path(manifest).resolve()),
         exclude=None if exclude is None else str(Path(exclude).resolve()),
+        patching=patching,
         val_fraction=val_fraction,
         seed=seed,
         n_folds=n_folds,
@@ -533,12 +363,7 @@ def build_patch_dataset(
         on_error=on_error,
         resize_masks=resize_masks,
         max_image_pixels=max_image_pixels,
-        **options,
     )
-    # datasets skips None overrides: options left at None must match the predefined config's defaults.
-    for key, value in {**options, "stride": stride, "min_fraction": min_fraction, "n_folds": n_folds}.items():
-        if getattr(builder.config, key) != value:
-            raise AssertionError(f"builder config {key}={getattr(builder.config, key)!r}, expected {value!r}")
     report_path = Path(builder.cache_dir) / REPORT_NAME
     cached = (Path(builder.cache_dir) / datasets.config.DATASET_INFO_FILENAME).is_file()
     try:
@@ -552,25 +377,16 @@ def build_patch_dataset(
     if report_path.is_file():
         report = BuildReport.from_dict(json.loads(report_path.read_text()))
     else:  # a cache prepared without the report (by hand with another version): count what is there
-        report = BuildReport.from_dataset(builder, dataset)
+        report = builder.report_from_dataset(dataset)
     report.cache_dir, report.cached, report.seconds = builder.cache_dir, cached, time.perf_counter() - start
     logger.info("%s", report.summary())
     return dataset, report
 
 
 def load_patch_dataset(
-    data_dir: str | Path,
+    data: str | Path,
+    patching: PatchingConfig | None = None,
     *,
-    strategy: str = "grid",
-    patch_size: int = 224,
-    stride: int | None = None,
-    min_foreground: int = 200,
-    min_fraction: float | None = None,
-    top_k: int | None = None,
-    min_area: int = 200,
-    pad: int = 0,
-    paint_background: bool = False,
-    empty_fallback: str = "tissue",
     val_fraction: float = 0.1,
     seed: int = 0,
     n_folds: int | None = None,
@@ -584,11 +400,12 @@ def load_patch_dataset(
     max_image_pixels: int | None = None,
     num_proc: int | None = None,
 ) -> datasets.DatasetDict:
-    """Build (or load from cache) the patch dataset of a data folder; the options are ``build_patch_dataset``'s.
+    """Build (or load from cache) the patch dataset of a data folder; the arguments are ``build_patch_dataset``'s.
 
     Example::
 
-        splits = load_patch_dataset("DATA", strategy="topk", patch_size=224, top_k=12, val_fraction=0.2)
+        patching = PatchingConfig(strategy="topk", patch_size=224, top_k=12)
+        splits = load_patch_dataset("DATA", patching, val_fraction=0.2)
         names = splits["train"].features["label"].names
 
     Returns:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 from collections import Counter
@@ -14,9 +15,10 @@ import numpy as np
 from PIL import Image
 
 from ..utils import atomic_savefig, atomic_write_text
+from .images import DataError, load_image
 from .masks import load_mask, resolve_mask
 from .patching import STRATEGIES, PatchBox, PatchingConfig
-from .sources import DataError, Sample, load_image, read_samples
+from .sources import Sample, read_samples
 
 __all__ = ["InspectionReport", "inspect_dataset"]
 
@@ -119,17 +121,10 @@ def _pick(samples: Sequence[Sample], n: int) -> set[str]:
 def inspect_dataset(
     data_dir: str | Path,
     out_dir: str | Path,
+    patching: PatchingConfig | None = None,
     *,
-    layout: str | None = None,
     strategies: Sequence[str] = ("grid", "components", "topk"),
-    patch_size: int = 224,
-    stride: int | None = None,
-    min_foreground: int = 200,
-    min_fraction: float | None = None,
-    top_k: int = 12,
-    min_area: int = 200,
-    pad: int = 0,
-    empty_fallback: str = "tissue",
+    layout: str | None = None,
     resize_masks: bool = False,
     max_image_pixels: int | None = None,
     on_error: str = "raise",
@@ -148,10 +143,10 @@ def inspect_dataset(
     Args:
         data_dir: The data folder (any layout) or a ``clean_manifest.csv``.
         out_dir: Where the figures and the JSON report go.
-        layout: Force a layout.
+        patching: The patching parameters shared by the strategies (``PatchingConfig()`` when None); its
+            ``strategy`` is replaced by each of ``strategies`` in turn.
         strategies: Patching strategies to compare.
-        patch_size, stride, min_foreground, min_fraction, top_k, min_area, pad, empty_fallback:
-            ``PatchingConfig`` options shared by the strategies.
+        layout: Force a layout.
         resize_masks: Accepted for symmetry with the builder; mismatched masks are always resized here.
         max_image_pixels: Raise PIL's decompression-bomb limit.
         on_error: ``"raise"`` at the first unreadable file, or ``"skip"`` and list it.
@@ -168,20 +163,8 @@ def inspect_dataset(
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown or not strategies:
         raise ValueError(f"unknown strategies {unknown}; choose from {list(STRATEGIES)}")
-    configs = {
-        s: PatchingConfig(
-            strategy=s,
-            patch_size=patch_size,
-            stride=stride,
-            min_foreground=min_foreground,
-            min_fraction=min_fraction,
-            top_k=top_k,
-            min_area=min_area,
-            pad=pad,
-            empty_fallback=empty_fallback,
-        )
-        for s in strategies
-    }
+    patching = PatchingConfig() if patching is None else patching
+    configs = {s: dataclasses.replace(patching, strategy=s) for s in strategies}
     out_dir = Path(out_dir)
     sample_set = read_samples(manifest or data_dir, layout, on_error, manifest, exclude)
     contact_ids = _pick(sample_set.samples, n_contact)
@@ -210,7 +193,7 @@ def inspect_dataset(
             flags["missing_mask"].append(sample.image_id)
         elif not mask.any():
             flags["empty_mask"].append(sample.image_id)
-        mask, source = resolve_mask(image, mask, empty_fallback, image_path=sample.image_path)
+        mask, source = resolve_mask(image, mask, patching.empty_fallback, image_path=sample.image_path)
         if source == "whole":
             flags["no_tissue"].append(sample.image_id)
         boxes = {}
@@ -243,7 +226,7 @@ def inspect_dataset(
         },
         flags=flags,
         skipped=skipped,
-        options={k: v for k, v in configs[strategies[0]].to_dict().items() if k != "strategy"},
+        options={k: v for k, v in patching.to_dict().items() if k != "strategy"},
     )
     report.figures = [
         str(_plot_classes(report, good, out_dir / "class_distribution.png")),

@@ -6,14 +6,13 @@ and scipy inside the functions that need it.
 
 from __future__ import annotations
 
-import contextlib
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 from PIL import Image
+
+from .images import DataError, pixel_limit
 
 EmptyFallback = Literal["tissue", "whole"]
 
@@ -22,24 +21,6 @@ TISSUE_MIN_SATURATION = 0.07  # threshold floor (0-1): keeps a near-white image 
 TISSUE_MAX_VALUE = 0.94  # brightness above which low-saturation pixels are glass background
 TISSUE_MIN_OBJECT_SIZE = 500  # connected components smaller than this (pixels) are dropped
 TISSUE_DETECTION_WIDTH = 1024  # the detector runs on a copy at most this wide, then scales back
-
-
-class DataError(ValueError):
-    """A problem with the user's data: the message names the file and says how to fix it."""
-
-
-@contextlib.contextmanager
-def pixel_limit(max_pixels: int | None) -> Iterator[int]:
-    """Temporarily set PIL's decompression-bomb limit (None keeps it); bomb warnings become errors inside."""
-    old = Image.MAX_IMAGE_PIXELS
-    if max_pixels is not None:
-        Image.MAX_IMAGE_PIXELS = max_pixels
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            yield Image.MAX_IMAGE_PIXELS
-    finally:
-        Image.MAX_IMAGE_PIXELS = old
 
 
 def normalize_mask(mask: np.ndarray | Image.Image) -> np.ndarray:

@@ -1,15 +1,13 @@
-"""Mask-guided patch selection: connected components, grid tiles and top-k tiles as PatchBox lists.
+"""Mask-guided patch selection: connected components, grid tiles and top-k tiles as PatchBox lists."""
 
-Pure functions on numpy masks, shared by dataset building and the inference pipeline (this module
-ships with model checkpoints: it imports only numpy and PIL, and scipy inside ``component_boxes``).
-Tile selection is vectorised (block sums in one pass over the mask), so choosing tiles costs far
-less than decoding the image they come from.
-"""
+# Pure functions on numpy masks, shared by dataset building and inference. This module ships with model
+# checkpoints: it imports only numpy and PIL (and scipy inside ``component_boxes``). Tile selection is vectorised
+# (block sums in one pass over the mask), so choosing tiles costs far less than decoding the image.
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from itertools import repeat
 from typing import Any, NamedTuple
 
@@ -19,6 +17,7 @@ from PIL import Image
 # Bump when the selection or cropping of patches changes: it is part of the dataset cache key.
 PATCHING_VERSION = "2"
 STRATEGIES = ("grid", "components", "topk", "whole")
+EMPTY_FALLBACKS = ("tissue", "whole")
 
 
 class PatchBox(NamedTuple):
@@ -270,62 +269,56 @@ def whole_box(mask: np.ndarray) -> list[PatchBox]:
     return [PatchBox(0, 0, mask.shape[1], mask.shape[0], int(mask.sum()))]
 
 
-def reference_grid_boxes(
-    mask: np.ndarray, size: int, stride: int | None = None, min_foreground: int = 200
-) -> list[PatchBox]:
-    """Plain per-tile loop equivalent of ``grid_boxes`` (for tests and benchmarks only: slow)."""
-    mask = _as_bool(mask)
-    stride = stride or size
-    boxes = []
-    for y in grid_positions(mask.shape[0], size, stride):
-        for x in grid_positions(mask.shape[1], size, stride):
-            count = int(mask[y : y + size, x : x + size].sum())
-            if count >= max(min_foreground, 1):
-                boxes.append(PatchBox(int(x), int(y), size, size, count))
-    return boxes
-
-
-def reference_topk_boxes(mask: np.ndarray, size: int = 128, stride: int = 64, k: int = 12) -> list[PatchBox]:
-    """Plain per-tile loop equivalent of ``topk_boxes`` (for tests and benchmarks only: slow)."""
-    tiles = reference_grid_boxes(mask, size, stride, min_foreground=1)
-    return sorted(tiles, key=lambda box: -box.foreground)[: max(k, 0)]
-
-
 @dataclass
 class PatchingConfig:
-    """How patches are cut from an image; stored in the model config so inference cuts the same.
+    """How patches are cut from an image; stored in the model config so that inference cuts the same.
 
-    Attributes:
-        strategy: ``"grid"``, ``"components"``, ``"topk"`` or ``"whole"``.
-        patch_size: Tile side for grid/topk (pixels at source resolution).
-        stride: Tile step (default: ``patch_size`` for grid, ``patch_size // 2`` for topk).
-        min_foreground: Minimum mask pixels per grid tile.
-        min_fraction: Optional minimum mask fraction per grid tile.
-        top_k: Tiles kept by the topk strategy.
-        min_area: Minimum component area for the components strategy.
-        pad: Padding around component boxes.
-        paint_background: Paint pixels outside the mask white before cropping.
-        empty_fallback: What an empty mask becomes: ``"tissue"`` detection or the ``"whole"`` image.
+    Each field's ``metadata["help"]`` is its documentation (also shown by ``--help`` of the recipes and of
+    ``hf-histo build``, which expose every field under the same name).
     """
 
-    strategy: str = "grid"
-    patch_size: int = 224
-    stride: int | None = None
-    min_foreground: int = 200
-    min_fraction: float | None = None
-    top_k: int = 12
-    min_area: int = 200
-    pad: int = 0
-    paint_background: bool = False
-    empty_fallback: str = "tissue"
+    strategy: str = field(
+        default="grid",
+        metadata={
+            "help": "Patching: grid (tiles), components (mask components), topk (tiles with most mask) or "
+            "whole (the whole image resized to one input)."
+        },
+    )
+    patch_size: int = field(default=224, metadata={"help": "Tile side in source pixels (grid, topk)."})
+    stride: int | None = field(
+        default=None,
+        metadata={"help": "Tile step in pixels (default: patch_size for grid, patch_size // 2 for topk)."},
+    )
+    min_foreground: int = field(default=200, metadata={"help": "Minimum mask pixels in a grid tile."})
+    min_fraction: float | None = field(
+        default=None, metadata={"help": "Optional minimum mask fraction of a grid tile, in (0, 1]."}
+    )
+    top_k: int = field(default=12, metadata={"help": "Tiles kept per image by the topk strategy."})
+    min_area: int = field(default=200, metadata={"help": "Minimum mask component area (components strategy)."})
+    pad: int = field(default=0, metadata={"help": "Pixels added around each component box (components strategy)."})
+    paint_background: bool = field(
+        default=False, metadata={"help": "Paint pixels outside the mask white before cropping patches."}
+    )
+    empty_fallback: str = field(
+        default="tissue",
+        metadata={"help": "What an empty mask becomes: tissue (detected tissue) or whole (the whole image)."},
+    )
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown patching strategy {self.strategy!r}; choose one of {list(STRATEGIES)}")
         if self.patch_size <= 0 or (self.stride is not None and self.stride <= 0):
             raise ValueError(f"patch_size and stride must be positive, got {self.patch_size}, {self.stride}")
-        if self.empty_fallback not in ("tissue", "whole"):
+        if self.empty_fallback not in EMPTY_FALLBACKS:
             raise ValueError(f"empty_fallback must be 'tissue' or 'whole', got {self.empty_fallback!r}")
+        if self.min_fraction is not None and not 0.0 < self.min_fraction <= 1.0:
+            raise ValueError(f"min_fraction must be in (0, 1] (or None), got {self.min_fraction}")
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if min(self.min_foreground, self.min_area, self.pad) < 0:
+            raise ValueError(
+                f"min_foreground, min_area and pad must be >= 0, got {self.min_foreground}, {self.min_area}, {self.pad}"
+            )
 
     def select(self, mask: np.ndarray) -> list[PatchBox]:
         """The boxes of the strategy itself; may be empty (see ``boxes`` for the fallback)."""
@@ -395,10 +388,3 @@ def crop_patch(
     canvas = Image.new("RGB", (box.w, box.h), (255, 255, 255))
     canvas.paste(inside, (x0 - box.x, y0 - box.y))
     return canvas
-
-
-def extract_patches(
-    image: Image.Image, mask: np.ndarray, config: PatchingConfig
-) -> list[tuple[PatchBox, Image.Image]]:
-    """Select boxes on ``mask`` with ``config`` and crop them from ``image``."""
-    return [(box, crop_patch(image, box, mask, config.paint_background)) for box in config.boxes(mask)]

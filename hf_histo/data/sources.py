@@ -7,10 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
-from PIL import Image, UnidentifiedImageError
-
-from .masks import DataError, pixel_limit
+from .images import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 LAYOUTS = ("challenge", "table", "class_folders", "manifest")
@@ -21,7 +18,7 @@ MANIFEST_NAME = "clean_manifest.csv"
 
 OnError = Literal["raise", "skip"]
 
-__all__ = ["DataError", "Sample", "SampleSet", "detect_layout", "load_image", "read_samples"]
+__all__ = ["Sample", "SampleSet", "detect_layout", "read_samples"]
 
 
 @dataclass(frozen=True)
@@ -387,59 +384,3 @@ def read_samples(
         hint = f" ({len(col.skipped)} skipped: {col.skipped[0][0]}: {col.skipped[0][1]})" if col.skipped else ""
         raise DataError(f"{root}: no usable images found in the {layout} layout{hint}.")
     return SampleSet(samples=samples, layout=layout, root=root, skipped=col.skipped)
-
-
-def open_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
-    """Open and fully decode an image file as PIL gives it, with clear errors.
-
-    PIL's decompression-bomb guard stays on; ``max_pixels`` (CLI: ``--max_image_pixels``) raises it
-    for files you trust.
-
-    Raises:
-        DataError: The file is missing, not an image, truncated, or over the pixel limit.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found.")
-    with pixel_limit(max_pixels) as limit:
-        try:
-            with Image.open(path) as im:
-                im.load()
-                return im.copy()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise DataError(
-                f"{path}: the image is larger than the decompression-bomb limit of {limit} pixels; "
-                "if you trust it, raise the limit with --max_image_pixels N (or max_pixels=N)."
-            ) from e
-        except UnidentifiedImageError as e:
-            raise DataError(f"{path}: not an image file PIL can read; replace or remove it.") from e
-        except (OSError, SyntaxError, ValueError) as e:
-            raise DataError(f"{path}: truncated or corrupt image ({e}); re-export or remove it.") from e
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL image (16-bit, float, grayscale, palette, RGBA, CMYK) to 8-bit RGB.
-
-    Transparency is composited over white, the background colour of a glass slide.
-    """
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(image, dtype=np.float64)
-        hi = 65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        if image.mode == "F" and arr.max() <= 1.0:
-            hi = 1.0
-        arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, mode="L").convert("RGB")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def load_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
-    """Load an image file as 8-bit RGB (see ``open_image`` for the errors and ``to_rgb`` for conversions)."""
-    return to_rgb(open_image(path, max_pixels))

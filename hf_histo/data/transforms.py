@@ -77,6 +77,29 @@ def _side(size: Any) -> int | None:
     return None
 
 
+def make_image_processor(processor_or_spec: Any) -> Any:
+    """The image processor saved with a model and used by inference: the eval transform as a transformers processor.
+
+    A `ViTImageProcessor` that resizes each patch to the backbone's square side and normalises it with its
+    statistics (no centre crop, which ConvNeXt/timm processors would add), so the pipeline sees what training's
+    evaluation saw.
+
+    Args:
+        processor_or_spec: The backbone's image processor, an `InputSpec` or an int side.
+    """
+    from transformers import ViTImageProcessor
+
+    spec = input_spec(processor_or_spec)
+    return ViTImageProcessor(
+        do_resize=True,
+        size={"height": spec.size, "width": spec.size},
+        do_rescale=True,
+        do_normalize=True,
+        image_mean=list(spec.mean),
+        image_std=list(spec.std),
+    )
+
+
 class HEDJitter(v2.Transform):
     """Stain augmentation in haematoxylin-eosin-DAB space (Tellez et al., 2018).
 
@@ -302,24 +325,3 @@ class PatchCollator:
                 batch[self.input_name] = inputs
             batch["labels"] = labels
         return batch
-
-
-def tta_views(pixel_values: torch.Tensor, mode: str = "flips") -> list[torch.Tensor]:
-    """Test-time augmentation views of a batch.
-
-    Args:
-        pixel_values: `[B, 3, H, W]`.
-        mode: `"none"` (the batch itself), `"flips"` (identity, horizontal, vertical) or `"d4"` (the 8 flips and
-            quarter turns).
-
-    Returns:
-        The list of views, the identity first.
-    """
-    if mode == "none":
-        return [pixel_values]
-    if mode == "flips":
-        return [pixel_values, pixel_values.flip(-1), pixel_values.flip(-2)]
-    if mode == "d4":
-        turns = [torch.rot90(pixel_values, k, dims=(-2, -1)) for k in range(4)]
-        return turns + [t.flip(-1) for t in turns]
-    raise ValueError(f"unknown TTA mode {mode!r}; choose none, flips or d4")

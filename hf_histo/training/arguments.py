@@ -13,14 +13,14 @@ from typing import Any
 import torch
 from transformers import HfArgumentParser, TrainingArguments
 
-STRATEGIES = ("grid", "components", "topk", "whole")
-AUGMENTATIONS = ("none", "flips", "histo")
-AGGREGATIONS = ("soft", "hard", "mask_weighted")
-HEADS = ("linear", "mlp", "deep")
-FREEZE_POLICIES = ("none", "backbone", "backbone_except_norm", "last_n")
+from ..data.patching import EMPTY_FALLBACKS, STRATEGIES, PatchingConfig
+from ..data.transforms import AUGMENTATIONS
+from ..models.aggregation import AGGREGATIONS
+from ..models.configuration_histo import FREEZE_POLICIES, HEADS, TTA_MODES
+from .launch import relaunch_for_cpu_ddp
+
 OPTIMIZERS = ("adamw", "lion", "sgd")
 LOSSES = ("ce", "weighted_ce", "focal")
-TTA_MODES = ("none", "flips", "d4")
 TINY_PREFIX = "tiny-"
 
 # Applied under --demo before the config file and the command line, so that explicit flags still win.
@@ -35,6 +35,12 @@ DEMO_DEFAULTS: dict[str, Any] = {
 def _check(name: str, value: Any, allowed: Sequence[Any]) -> None:
     if value not in allowed:
         raise ValueError(f"--{name}={value!r} is not supported; choose one of {list(allowed)}")
+
+
+def _patching_field(name: str) -> Any:
+    """A `DataArguments` field for `PatchingConfig.<name>`: the same default and help (one source for both)."""
+    source = PatchingConfig.__dataclass_fields__[name]
+    return field(default=source.default, metadata={"help": source.metadata["help"]})
 
 
 @dataclass
@@ -52,18 +58,17 @@ class DataArguments:
         default=False,
         metadata={"help": "Generate H&E-like sample data (output_dir/demo_data) and use a tiny random backbone."},
     )
-    strategy: str = field(
-        default="grid",
-        metadata={
-            "help": "Patching: grid (tiles), components (mask components), topk (tiles with most mask) or "
-            "whole (the whole image resized to one input)."
-        },
-    )
-    patch_size: int = field(default=224, metadata={"help": "Tile side in source pixels (grid, topk)."})
-    stride: int | None = field(default=None, metadata={"help": "Tile step (default: patch_size; topk: half)."})
-    min_foreground: int = field(default=200, metadata={"help": "Minimum mask pixels in a grid tile."})
-    top_k: int = field(default=12, metadata={"help": "Tiles kept per image by the topk strategy."})
-    min_area: int = field(default=200, metadata={"help": "Minimum mask component area (components strategy)."})
+    # Every PatchingConfig field, same name, default and help (see hf_histo/data/patching.py); `patching()` builds it.
+    strategy: str = _patching_field("strategy")
+    patch_size: int = _patching_field("patch_size")
+    stride: int | None = _patching_field("stride")
+    min_foreground: int = _patching_field("min_foreground")
+    min_fraction: float | None = _patching_field("min_fraction")
+    top_k: int = _patching_field("top_k")
+    min_area: int = _patching_field("min_area")
+    pad: int = _patching_field("pad")
+    paint_background: bool = _patching_field("paint_background")
+    empty_fallback: str = _patching_field("empty_fallback")
     val_fraction: float = field(default=0.1, metadata={"help": "Fraction of images (by group) held out for eval."})
     n_folds: int | None = field(
         default=None, metadata={"help": "Grouped k-fold cross-validation: train one model per fold (e.g. 5)."}
@@ -94,11 +99,11 @@ class DataArguments:
 
     def __post_init__(self) -> None:
         _check("strategy", self.strategy, STRATEGIES)
+        _check("empty_fallback", self.empty_fallback, EMPTY_FALLBACKS)
         _check("augment", self.augment, AUGMENTATIONS)
         if self.data_dir is None and not self.demo:
             raise ValueError("--data_dir is required (or pass --demo to generate sample data)")
-        if self.patch_size <= 0 or (self.stride is not None and self.stride <= 0):
-            raise ValueError(f"--patch_size and --stride must be positive, got {self.patch_size}, {self.stride}")
+        self.patching()  # PatchingConfig's own checks (sizes, fractions, counts), before any file is read
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"--val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.n_folds is not None and self.n_folds < 2:
@@ -112,18 +117,9 @@ class DataArguments:
         if not 0.0 < self.mix_prob <= 1.0:
             raise ValueError(f"--mix_prob must be in (0, 1], got {self.mix_prob}")
 
-    def patching(self) -> dict[str, Any]:
-        """The patching parameters as a `PatchingConfig` dict (stored in the model config for inference)."""
-        from ..data.patching import PatchingConfig
-
-        return PatchingConfig(
-            strategy=self.strategy,
-            patch_size=self.patch_size,
-            stride=self.stride,
-            min_foreground=self.min_foreground,
-            top_k=self.top_k,
-            min_area=self.min_area,
-        ).to_dict()
+    def patching(self) -> PatchingConfig:
+        """The patching fields as one validated `PatchingConfig` (for the dataset builder and the model config)."""
+        return PatchingConfig(**{f.name: getattr(self, f.name) for f in fields(PatchingConfig)})
 
 
 @dataclass
@@ -345,8 +341,6 @@ def parse_args(
         `data_dir` defaults to `output_dir/demo_data` (generated by `build_datasets`).
     """
     if argv is None:
-        from .run import relaunch_for_cpu_ddp
-
         relaunch_for_cpu_ddp()
     argv = list(sys.argv[1:] if argv is None else argv)
     config_path, argv = _pop_config(argv)

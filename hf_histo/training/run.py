@@ -9,7 +9,15 @@ from typing import Any
 
 import torch
 
-from ..data.transforms import AugmentationSeed, InputSpec, build_transforms, input_spec, patch_transform_fn
+from ..data.patching import PatchingConfig
+from ..data.transforms import (
+    AugmentationSeed,
+    InputSpec,
+    build_transforms,
+    input_spec,
+    make_image_processor,
+    patch_transform_fn,
+)
 from .arguments import TINY_PREFIX, DataArguments, HistoTrainingArguments, ModelArguments
 
 logger = logging.getLogger(__name__)
@@ -41,12 +49,7 @@ def build_datasets(data_args: DataArguments, seed: int = 0):
         make_synthetic_dataset(data_dir, seed=seed, overwrite=True, **DEMO_IMAGES)
     return load_patch_dataset(
         data_dir,
-        strategy=data_args.strategy,
-        patch_size=data_args.patch_size,
-        stride=data_args.stride,
-        min_foreground=data_args.min_foreground,
-        top_k=data_args.top_k,
-        min_area=data_args.min_area,
+        data_args.patching(),
         val_fraction=data_args.val_fraction,
         seed=seed,
         n_folds=data_args.n_folds,
@@ -54,20 +57,6 @@ def build_datasets(data_args: DataArguments, seed: int = 0):
         cache_dir=data_args.cache_dir,
         layout=data_args.layout,
         exclude=data_args.exclude,
-    )
-
-
-def make_image_processor(spec: InputSpec):
-    """A `ViTImageProcessor` that resizes to the square input and normalises like the backbone (saved with it)."""
-    from transformers import ViTImageProcessor
-
-    return ViTImageProcessor(
-        do_resize=True,
-        size={"height": spec.size, "width": spec.size},
-        do_rescale=True,
-        do_normalize=True,
-        image_mean=list(spec.mean),
-        image_std=list(spec.std),
     )
 
 
@@ -100,7 +89,7 @@ def _is_histo_checkpoint(path: str) -> bool:
 def build_model(
     model_args: ModelArguments,
     labels: list[str],
-    patching: dict[str, Any] | None = None,
+    patching: PatchingConfig | None = None,
     image_size: int | None = None,
 ):
     """Build the classifier and its image processor.
@@ -112,7 +101,9 @@ def build_model(
     Args:
         model_args: Model arguments.
         labels: Class names in index order (the patch dataset's `ClassLabel` names).
-        patching: `PatchingConfig` dict stored in the model config for inference.
+        patching: How the training patches were cut; stored in the model config as `patching.to_dict()` (JSON), which
+            inference reads back with `PatchingConfig.from_dict`. None keeps a trained checkpoint's own (a new
+            model then has none, and inference refuses it until one is set).
         image_size: Input side override (default: the backbone processor's).
 
     Returns:
@@ -139,7 +130,7 @@ def build_model(
         "freeze": model_args.freeze,
         "trainable_blocks": model_args.trainable_blocks,
         "aggregation": model_args.aggregation,
-        "patching": patching,
+        "patching": None if patching is None else patching.to_dict(),
     }
     if model_args.pooling is not None:
         head_kw["pooling"] = model_args.pooling
@@ -159,7 +150,8 @@ def build_model(
         model = AutoModelForImageClassification.from_pretrained(name)
         if [model.config.id2label[i] for i in range(len(labels))] != labels:
             raise ValueError(f"checkpoint {name} has labels {model.config.id2label}, the data has {labels}")
-        model.config.patching = patching or model.config.patching
+        if patching is not None:
+            model.config.patching = patching.to_dict()
         model.config.aggregation = model_args.aggregation
         model.apply_freeze(model_args.freeze, model_args.trainable_blocks)
         from transformers import AutoImageProcessor
@@ -254,65 +246,3 @@ def run_info(recipe: str, data_args: DataArguments, model_args: ModelArguments, 
         "model": {k: v for k, v in vars(model_args).items() if not k.startswith("_")},
         "training": {k: getattr(training_args, k, None) for k in keys},
     }
-
-
-def _launcher_num_processes(pid: int) -> int | None:
-    """`--num_processes` of an `accelerate launch` command line (Linux /proc), or of its `--config_file`."""
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except OSError:
-        return None
-    if not any(a.endswith("accelerate") for a in argv[:3]) and "launch" not in argv:
-        return None
-    for i, arg in enumerate(argv):
-        for flag in ("--num_processes", "--num-processes"):
-            if arg == flag and i + 1 < len(argv):
-                return int(argv[i + 1])
-            if arg.startswith(flag + "="):
-                return int(arg.split("=", 1)[1])
-    for i, arg in enumerate(argv):
-        if arg in ("--config_file", "--config-file") and i + 1 < len(argv):
-            import yaml
-
-            config = yaml.safe_load(Path(argv[i + 1]).read_text(encoding="utf-8")) or {}
-            return int(config.get("num_processes", 1))
-    return None
-
-
-def relaunch_for_cpu_ddp(argv: list[str] | None = None) -> None:
-    """Make `accelerate launch --cpu --num_processes N script.py` run N DDP processes (gloo).
-
-    accelerate's simple launcher (used for `--cpu`) starts one process and expects `mpirun` to multiply it; without
-    an MPI hostfile it would silently train on one process. When this process was started that way (CPU mode,
-    `MASTER_ADDR` set, no rank in the environment, N > 1 in the launcher's command line), replace it by
-    `torch.distributed.run --nproc_per_node N` on the same script and arguments. Does nothing otherwise.
-    """
-    env = os.environ
-    if env.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true", "yes") or "MASTER_ADDR" not in env:
-        return
-    if any(k in env for k in ("LOCAL_RANK", "RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")):
-        return
-    n = _launcher_num_processes(os.getppid())
-    if not n or n < 2:
-        return
-    import sys
-
-    args = sys.argv if argv is None else argv
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(n),
-        "--master_addr",
-        env["MASTER_ADDR"],
-        "--master_port",
-        env.get("MASTER_PORT", "29500"),
-        *args,
-    ]
-    logger.warning(
-        "accelerate --cpu started 1 process for --num_processes %d: relaunching with torch.distributed.run", n
-    )
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(sys.executable, cmd)
