@@ -20,6 +20,7 @@ from hf_histo.data.cleaning import (
     clean_dataset,
     image_features,
     outlier_scores,
+    robust_z,
     stain_fraction,
 )
 from hf_histo.data.sources import DataError, read_samples
@@ -103,7 +104,7 @@ def test_image_features_hash_decoded_pixels_and_masks(tmp_path):
         image.save(tmp_path / name, **kw)
     image.convert("RGBA").save(tmp_path / "c.png")
     assert len({(tmp_path / n).read_bytes() for n in ("a.png", "b.png", "c.png")}) == 3
-    from hf_histo.data.sources import load_image
+    from hf_histo.data.images import load_image
 
     hashes = {image_features(load_image(tmp_path / n)).pixel_hash for n in ("a.png", "b.png", "c.png")}
     assert len(hashes) == 1
@@ -123,6 +124,21 @@ def test_outlier_scores_are_robust_z_scores():
     assert z[:200].max() < 5
     assert z[200:].min() > 8
     assert abs(np.median(z[:200])) < 0.5
+
+
+def test_outlier_scores_survive_a_reference_of_mostly_identical_rows():
+    """No spread for the robust covariance to estimate: the scaled RMS distance is used, nothing raises."""
+    x = np.random.default_rng(0).normal(0, 1, (100, 16))
+    x[:70] = 0.0
+    z = outlier_scores(x)
+    assert np.all(z[:70] == 0) and z[70:].min() > 10
+
+
+def test_robust_z_is_median_and_normal_consistent_mad():
+    values = np.array([[1.0, 5.0], [2.0, 5.0], [3.0, 5.0], [4.0, 5.0], [100.0, 5.0]])
+    z = robust_z(values)
+    np.testing.assert_allclose(z[:, 0], (values[:, 0] - 3.0) / (1.4826 * 1.0), rtol=1e-5)
+    np.testing.assert_array_equal(z[:, 1], 0.0)  # a constant column: the floored scale, no division by zero
 
 
 def test_aligned_similarity_sees_through_crops_and_reencoding():

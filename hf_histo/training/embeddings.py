@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +12,8 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from ..data.transforms import InputSpec, build_transforms, input_spec, tta_views
-
-logger = logging.getLogger(__name__)
+from ..data.transforms import InputSpec, build_transforms, input_spec
+from ..inference.engine import tta_views
 
 CACHE_VERSION = 1
 VIEW_MODES = {"none": 1, "flips": 3, "d4": 8}
@@ -60,6 +57,11 @@ def _cache_location(dataset: Any, key: str, cache_dir: str | Path | None) -> Pat
     return None
 
 
+def _embedding_dim(model: nn.Module) -> int:
+    """Width of the pooled embeddings: the input width of the head's first linear layer, which consumes them."""
+    return next(m.in_features for m in model.classifier.modules() if isinstance(m, nn.Linear))
+
+
 @torch.no_grad()
 def compute_embeddings(
     model: nn.Module,
@@ -74,7 +76,9 @@ def compute_embeddings(
 
     The cache lives next to the dataset's own Arrow cache files (or in `cache_dir`) under a key of the backbone
     weights, the dataset fingerprint, the input transform and the views, so a changed backbone, patching or input
-    size never reads stale features. Computation streams batch by batch into an Arrow file.
+    size never reads stale features. `Dataset.map` streams the batches into that Arrow file (written to a
+    temporary file, then moved in place) and loads the file instead when it exists: under
+    `main_process_first`, the main process computes and the others load.
 
     Args:
         model: A `HistoClassifierForImageClassification` (its `embed` is used; the head is not).
@@ -90,68 +94,49 @@ def compute_embeddings(
         `image_id` / `group_id` / `foreground` when the source has them.
     """
     import datasets
-    from datasets.arrow_writer import ArrowWriter
 
     if views not in VIEW_MODES:
         raise ValueError(f"views={views!r}; choose one of {list(VIEW_MODES)}")
     spec = input_spec(processor_or_spec)
     raw = dataset.with_format(None)
+    if len(raw) == 0:
+        raise ValueError("cannot embed an empty dataset")
     key = embedding_cache_key(model, raw, spec, views)
     path = _cache_location(raw, key, cache_dir)
-    if path is not None and path.is_file():
-        logger.info("embedding cache hit: %s", path)
-        return _as_torch(datasets.Dataset.from_file(str(path)))
-
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    keep = [c for c in ("image_id", "group_id", "foreground") if c in raw.column_names]
+    features = datasets.Features(
+        {
+            "embeddings": datasets.Array2D(shape=(VIEW_MODES[views], _embedding_dim(model)), dtype="float32"),
+            "labels": datasets.Value("int64"),
+            **{c: raw.features[c] for c in keep},
+        }
+    )
     transform = build_transforms(spec, train=False)
     device = torch.device(device) if device is not None else next(model.parameters()).device
+
+    def embed(batch: dict[str, list]) -> dict[str, Any]:
+        pixels = torch.stack([transform(image.convert("RGB")) for image in batch["image"]]).to(device)
+        embeddings = torch.stack([model.embed(v) for v in tta_views(pixels, views)], dim=1)
+        return {"embeddings": embeddings.float().cpu().numpy(), "labels": [int(y) for y in batch["label"]]}
+
     was_training = model.training
     model.eval()
-    keep = [c for c in ("image_id", "group_id", "foreground") if c in raw.column_names]
-    n_views = VIEW_MODES[views]
-    dim = None
-    writer = None
-    tmp = None
-    rows_out: dict[str, list] = {}
     try:
-        for start in range(0, len(raw), batch_size):
-            batch = raw[start : start + batch_size]
-            pixels = torch.stack([transform(image.convert("RGB")) for image in batch["image"]]).to(device)
-            embeddings = torch.stack([model.embed(v) for v in tta_views(pixels, views)], dim=1).float().cpu().numpy()
-            if writer is None:
-                dim = embeddings.shape[-1]
-                features = datasets.Features(
-                    {
-                        "embeddings": datasets.Array2D(shape=(n_views, dim), dtype="float32"),
-                        "labels": datasets.Value("int64"),
-                        **{c: raw.features[c] for c in keep},
-                    }
-                )
-                if path is not None:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-                    writer = ArrowWriter(features=features, path=str(tmp))
-                else:
-                    writer = features
-            chunk = {"embeddings": list(embeddings), "labels": [int(y) for y in batch["label"]]}
-            chunk.update({c: batch[c] for c in keep})
-            if isinstance(writer, ArrowWriter):
-                writer.write_batch(chunk)
-            else:
-                for k, v in chunk.items():
-                    rows_out.setdefault(k, []).extend(v)
-        if writer is None:
-            raise ValueError("cannot embed an empty dataset")
-        if isinstance(writer, ArrowWriter):
-            writer.finalize()
-            writer.close()
-            os.replace(tmp, path)
-            logger.info("embedding cache written: %s (%d patches x %d views x %d)", path, len(raw), n_views, dim)
-            result = datasets.Dataset.from_file(str(path))
-        else:
-            result = datasets.Dataset.from_dict(rows_out, features=writer)
+        result = raw.map(
+            embed,
+            batched=True,
+            batch_size=batch_size,
+            remove_columns=[c for c in raw.column_names if c not in keep],
+            features=features,
+            keep_in_memory=path is None,
+            cache_file_name=str(path) if path is not None else None,
+            load_from_cache_file=True,  # the key names everything the embeddings depend on
+            new_fingerprint=key,  # the function's own hash would serialise the whole model
+            desc="embedding patches",
+        )
     finally:
-        if tmp is not None and tmp.exists():
-            tmp.unlink()
         model.train(was_training)
     return _as_torch(result)
 

@@ -13,7 +13,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from ...utils import atomic_save_image, atomic_write_text
-from ..sources import Sample, SampleSet, load_image, read_exclusions, read_samples
+from ..images import load_image
+from ..sources import Sample, SampleSet, read_exclusions, read_samples
 from .config import REASONS, CleaningConfig, Flag
 from .decisions import find_flags
 from .features import EmbeddingModel, embed_samples, stream_features

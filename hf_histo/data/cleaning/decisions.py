@@ -2,35 +2,43 @@
 
 from __future__ import annotations
 
-import math
+import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.sparse import coo_array
+from scipy.sparse.csgraph import connected_components
+from scipy.stats import median_abs_deviation
+from sklearn.covariance import MinCovDet
 
 from ..sources import Sample
 from .config import REASONS, CleaningConfig, Flag
 from .features import GRADIENT_FEATURE, ImageFeatures
 
 _CROP_SCALES = (1.0, 0.97, 0.94, 0.91, 0.88)
-_POP8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint64)
 
 
 def robust_z(values: np.ndarray, floor: float = 1e-6) -> np.ndarray:
-    """Robust z-scores along axis 0: ``(x - median) / (1.4826 * MAD)``, the scale floored at ``floor``."""
+    """Robust z-scores along axis 0: ``(x - median) / (1.4826 * MAD)``, the scale floored at ``floor``.
+
+    Args:
+        values: ``(n, ...)`` values, scored per column.
+        floor: Smallest scale, so that a constant column gives finite scores.
+    """
     values = np.asarray(values, dtype=np.float64)
-    med = np.median(values, axis=0)
-    mad = 1.4826 * np.median(np.abs(values - med), axis=0)
-    return (values - med) / np.maximum(mad, floor)
+    mad = median_abs_deviation(values, axis=0, scale="normal")
+    return (values - np.median(values, axis=0)) / np.maximum(mad, floor)
 
 
 def outlier_scores(vectors: np.ndarray, reference: np.ndarray | None = None, ridge: float = 0.1) -> np.ndarray:
     """Robust z-score (median/MAD) of each vector's distance to the centroid of the reference rows.
 
     Features are centred on their median and scaled by their MAD (floored, so that a feature constant on
-    clean data cannot explode); the distance is Mahalanobis under a robust covariance (minimum covariance
-    determinant on 60% of the rows, plus ``ridge`` on the diagonal), or the RMS of the scaled features when
-    there are fewer than 3 rows per feature. Wide embeddings are first projected on their principal axes.
+    clean data cannot explode); the distance is Mahalanobis under a robust covariance (scikit-learn's
+    ``MinCovDet``: minimum covariance determinant on 60% of the rows, reweighted, plus ``ridge`` on the
+    diagonal), or the RMS of the scaled features when there are fewer than 3 rows per feature or most rows are
+    identical. Wide embeddings are first projected on their principal axes.
 
     Args:
         vectors: ``(n, d)`` rows to score.
@@ -45,47 +53,26 @@ def outlier_scores(vectors: np.ndarray, reference: np.ndarray | None = None, rid
         axes = vt[: min(16, max(1, reference.shape[0] // 4))].T
         reference, vectors = (reference - centre) @ axes, (vectors - centre) @ axes
     med = np.median(reference, axis=0)
-    mad = 1.4826 * np.median(np.abs(reference - med), axis=0)
+    mad = median_abs_deviation(reference, axis=0, scale="normal")
     spread = (np.percentile(reference, 90, axis=0) - np.percentile(reference, 10, axis=0)) / 2.5631
     scale = np.maximum(np.maximum(mad, 0.5 * spread), max(0.02, 1e-3 * float(np.abs(med).max())))
     ref, vec = (reference - med) / scale, (vectors - med) / scale
+    location, precision = None, None
     if ref.shape[0] >= 3 * ref.shape[1]:
-        location, covariance = _robust_covariance(ref)
-        precision = np.linalg.inv(covariance + ridge * np.eye(ref.shape[1]))
+        # Fixed seed: FastMCD draws random starting subsets, and a second run must flag the same images.
+        with contextlib.suppress(ValueError):  # raised when most rows are identical (no spread): RMS below
+            mcd = MinCovDet(support_fraction=0.6, random_state=0).fit(ref)
+            location, precision = mcd.location_, np.linalg.inv(mcd.covariance_ + ridge * np.eye(ref.shape[1]))
 
-        def distance(x: np.ndarray) -> np.ndarray:
-            d = x - location
-            return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", d, precision, d), 0))
-
-    else:
-
-        def distance(x: np.ndarray) -> np.ndarray:
+    def distance(x: np.ndarray) -> np.ndarray:
+        if precision is None:
             return np.sqrt(np.mean(x**2, axis=1))
+        d = x - location
+        return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", d, precision, d), 0))
 
     ref_dist = distance(ref)
-    d_med = np.median(ref_dist)
-    d_mad = 1.4826 * np.median(np.abs(ref_dist - d_med))
-    return (distance(vec) - d_med) / max(d_mad, 1e-6)
-
-
-def _robust_covariance(x: np.ndarray, support: float = 0.6, max_steps: int = 50) -> tuple[np.ndarray, np.ndarray]:
-    """Location and covariance of the ``support`` fraction of rows that fit together best (MCD concentration steps).
-
-    Starts from the rows nearest the coordinate-wise median (``x`` is already median-centred and MAD-scaled) and
-    repeats: fit mean and covariance to the subset, keep the rows with the smallest Mahalanobis distances.
-    """
-    h = max(x.shape[1] + 1, int(math.ceil(support * x.shape[0])))
-    subset = np.sort(np.argsort(np.einsum("ij,ij->i", x, x), kind="stable")[:h])
-    for _ in range(max_steps):
-        location = x[subset].mean(axis=0)
-        covariance = np.cov(x[subset], rowvar=False) + 1e-6 * np.eye(x.shape[1])
-        d = x - location
-        d2 = np.einsum("ij,jk,ik->i", d, np.linalg.inv(covariance), d)
-        new = np.sort(np.argsort(d2, kind="stable")[:h])
-        if np.array_equal(new, subset):
-            break
-        subset = new
-    return location, covariance
+    d_mad = median_abs_deviation(ref_dist, scale="normal")
+    return (distance(vec) - np.median(ref_dist)) / max(d_mad, 1e-6)
 
 
 def _grey(x: np.ndarray) -> np.ndarray:
@@ -125,20 +112,13 @@ def _correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / max(float(np.linalg.norm(a) * np.linalg.norm(b)), 1e-9))
 
 
-def _popcount(x: np.ndarray) -> np.ndarray:
-    count = np.zeros(x.shape, dtype=np.uint64)
-    for shift in range(0, 64, 8):
-        count += _POP8[((x >> np.uint64(shift)) & np.uint64(0xFF)).astype(np.intp)]
-    return count.astype(np.int64)
-
-
 def near_duplicate_pairs(features: Sequence[ImageFeatures], config: CleaningConfig) -> list[tuple[int, int, float]]:
     """Index pairs ``(i, j, similarity)`` of near duplicates: close hashes, checked pixel-wise when not very close."""
     p = np.array([f.phash for f in features], dtype=np.uint64)
     d = np.array([f.dhash for f in features], dtype=np.uint64)
     pairs = []
     for i in range(len(features) - 1):
-        dist = _popcount(p[i + 1 :] ^ p[i]) + _popcount(d[i + 1 :] ^ d[i])
+        dist = np.bitwise_count(p[i + 1 :] ^ p[i]) + np.bitwise_count(d[i + 1 :] ^ d[i])  # <= 128: fits uint8
         for k in np.nonzero(dist <= config.near_duplicate_candidate)[0]:
             j = i + 1 + int(k)
             a, b = features[i].thumbnail, features[j].thumbnail
@@ -178,26 +158,19 @@ def texture_twin_pairs(features: Sequence[ImageFeatures], config: CleaningConfig
     return pairs
 
 
-class _UnionFind:
-    def __init__(self, n: int):
-        self.parent = list(range(n))
+def _components(n: int, pairs: Iterable[tuple[int, int]]) -> np.ndarray:
+    """Connected-component label of each of ``n`` nodes in the undirected graph whose edges are ``pairs``."""
+    edges = np.array(list(pairs), dtype=np.intp).reshape(-1, 2)
+    graph = coo_array((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
 
-    def find(self, i: int) -> int:
-        while self.parent[i] != i:
-            self.parent[i] = self.parent[self.parent[i]]
-            i = self.parent[i]
-        return i
 
-    def union(self, i: int, j: int) -> None:
-        a, b = self.find(i), self.find(j)
-        if a != b:
-            self.parent[max(a, b)] = min(a, b)
-
-    def groups(self) -> list[list[int]]:
-        out: dict[int, list[int]] = {}
-        for i in range(len(self.parent)):
-            out.setdefault(self.find(i), []).append(i)
-        return [g for g in out.values() if len(g) > 1]
+def _groups(labels: np.ndarray) -> list[list[int]]:
+    """The components with more than one member, each in index order, ordered by their first member."""
+    out: dict[int, list[int]] = {}
+    for i, label in enumerate(labels.tolist()):
+        out.setdefault(label, []).append(i)
+    return [g for g in out.values() if len(g) > 1]
 
 
 @dataclass
@@ -296,14 +269,11 @@ def find_flags(
             add(j, duplicate_reason(j, members[0], "duplicate"), 1.0, members[0])
 
     # Near duplicates among distinct images, grouped transitively; the first tissue-like member is kept.
-    uf = _UnionFind(n)
-    similarity: dict[tuple[int, int], float] = {}
     reps = sorted(set(keeper))
-    for a, b, sim in near_duplicate_pairs([features[i] for i in reps], cfg):
-        uf.union(reps[a], reps[b])
-        similarity[(reps[a], reps[b])] = sim
+    similarity = {(reps[a], reps[b]): sim for a, b, sim in near_duplicate_pairs([features[i] for i in reps], cfg)}
+    near_group = _components(n, similarity.keys())
     copies: set[int] = set()
-    for group in uf.groups():
+    for group in _groups(near_group):
         keep = _choose_keeper(group, scores, cfg, by_tissue=True)
         for j in group:
             if j != keep:
@@ -313,18 +283,14 @@ def find_flags(
 
     # Twins: identical masks on different images, or images that share the fine texture of one tissue (a
     # cartoon blended over it, a pasted blob). Keep the real tissue, flag the others.
-    twins = _UnionFind(n)
     by_mask: dict[str, list[int]] = {}
     for i in reps:
         if features[i].mask_hash is not None:
             by_mask.setdefault(features[i].mask_hash, []).append(i)
-    for members in by_mask.values():
-        for j in members[1:]:
-            twins.union(members[0], j)
-    for a, b in texture_twin_pairs([features[i] for i in reps], cfg):
-        twins.union(reps[a], reps[b])
-    for group in twins.groups():
-        for j, reason, score, keep in _twin_group(group, features, scores, uf, copies, cfg):
+    twin_pairs = [(members[0], j) for members in by_mask.values() for j in members[1:]]
+    twin_pairs += [(reps[a], reps[b]) for a, b in texture_twin_pairs([features[i] for i in reps], cfg)]
+    for group in _groups(_components(n, twin_pairs)):
+        for j, reason, score, keep in _twin_group(group, features, scores, near_group, copies, cfg):
             add(j, reason, score, keep)
 
     index = {s.image_id: k for k, s in enumerate(samples)}
@@ -345,7 +311,7 @@ def _twin_group(
     members: list[int],
     features: Sequence[ImageFeatures],
     scores: _Scores,
-    uf: _UnionFind,
+    near_group: np.ndarray,
     copies: set[int],
     cfg: CleaningConfig,
 ) -> list[tuple[int, str, float, int]]:
@@ -362,7 +328,7 @@ def _twin_group(
     out = []
     for j in members:
         lower = scores.tissue[j] < scores.tissue[keep] - cfg.keep_tolerance or scores.non_tissue[j]
-        if j == keep or (uf.find(j) == uf.find(keep) and not lower):
+        if j == keep or (near_group[j] == near_group[keep] and not lower):
             continue  # the kept image itself, re-encoded: a near duplicate
         changed = float(_changed(features[keep].thumbnail, features[j].thumbnail, cfg).mean())
         score = max(changed, min(_non_tissue_score(scores, j, cfg), 1.0))

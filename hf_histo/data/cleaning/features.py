@@ -14,9 +14,11 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm.auto import tqdm
 
+from ..images import DataError, load_image
 from ..masks import load_mask
-from ..sources import DataError, Sample, load_image
+from ..sources import Sample
 from .config import CleaningConfig
 
 logger = logging.getLogger(__name__)
@@ -279,7 +281,7 @@ def stream_features(samples: Sequence[Sample], config: CleaningConfig, progress:
     workers = config.num_workers
     if workers is None:
         workers = min(_available_cpus(), 8) if len(jobs) >= 64 else 0
-    bar = _progress(len(jobs), progress, "clean: reading images")
+    bar = tqdm(total=len(jobs), desc="clean: reading images", unit="img", disable=not progress)
     out: list[ImageFeatures] = []
     if workers <= 1:
         for job in jobs:
@@ -299,7 +301,7 @@ def stream_features(samples: Sequence[Sample], config: CleaningConfig, progress:
 def embed_samples(samples: Sequence[Sample], model: str | Path | EmbeddingModel, progress: bool = False) -> np.ndarray:
     """Embeddings of every image from a callable ``PIL.Image -> 1-D array`` or a local transformers model folder."""
     fn = model if callable(model) else _local_backbone(Path(model))
-    bar = _progress(len(samples), progress, "clean: embedding images")
+    bar = tqdm(total=len(samples), desc="clean: embedding images", unit="img", disable=not progress)
     out = []
     for s in samples:
         out.append(np.asarray(fn(load_image(s.image_path)), dtype=np.float64).ravel())
@@ -327,19 +329,3 @@ def _local_backbone(path: Path) -> EmbeddingModel:
         return pooled.reshape(-1).float().numpy()
 
     return embed
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, enabled: bool, desc: str):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img")
