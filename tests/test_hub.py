@@ -1,4 +1,4 @@
-"""Hub-ready folders: shipped code, config entries, model card metadata and snippet, upload file list, offline error."""
+"""Hub-ready folders: shipped code, config written once, model card from one result, upload list, offline error."""
 
 import ast
 import json
@@ -19,42 +19,62 @@ from PIL import Image
 from transformers import ConvNextImageProcessor, TrainingArguments, ViTImageProcessor
 from transformers.dynamic_module_utils import get_imports, get_relative_imports
 
-from hf_histo import hub
+from hf_histo.data.transforms import make_image_processor
 from hf_histo.hub import (
     HubUnavailableError,
     build_model_card,
+    bundle_code,
     hub_upload_files,
-    inference_image_processor,
     push_folder_to_hub,
+    run_data_info,
     save_for_hub,
     write_model_card,
 )
-from hf_histo.inference.pipeline import TASK, flatten_imports
+from hf_histo.hub import upload as hub_upload
+from hf_histo.hub.bundle import flatten_imports
+from hf_histo.inference.pipeline import TASK
+from hf_histo.inference.results import ImageLevelResult
 from hf_histo.models import HistoClassifierConfig, HistoClassifierForImageClassification, tiny_backbone_config
 
 LABELS = {0: "benign", 1: "malignant"}
+# The pipeline and everything it imports relatively (found by walking the imports), plus the model/config modules.
 SHIPPED = {
     "aggregation.py",
     "backbones.py",
     "configuration_histo.py",
+    "engine.py",
+    "images.py",
     "masks.py",
     "modeling_histo.py",
     "patching.py",
     "pipeline.py",
 }
-METRICS = {
-    "accuracy": 0.75,
-    "balanced_accuracy": 0.7,
-    "macro_f1": 0.72,
-    "auroc": 0.8,
-    "kappa": 0.4,
-    "per_class_f1": {"benign": 0.7, "malignant": 0.74},
-    "confusion_matrix": [[3, 1], [1, 3]],
-    "n": 8,
-    "y_true": [0, 0, 0, 0, 1, 1, 1, 1],
-    "y_pred": [0, 0, 0, 1, 0, 1, 1, 1],
-    "split": "validation",
-}
+
+
+def make_result(**changes) -> ImageLevelResult:
+    fields = dict(
+        labels=["benign", "malignant"],
+        image_ids=[f"img{i}" for i in range(8)],
+        y_true=[0, 0, 0, 0, 1, 1, 1, 1],
+        probs=[[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.4, 0.6], [0.6, 0.4], [0.2, 0.8], [0.3, 0.7], [0.1, 0.9]],
+        aggregation="hard",
+        tta="d4",
+        split="validation",
+        metrics={
+            "accuracy": 0.75,
+            "balanced_accuracy": 0.7,
+            "macro_f1": 0.72,
+            "auroc": 0.8,
+            "kappa": 0.4,
+            "per_class_f1": {"benign": 0.7, "malignant": 0.74},
+            "confusion_matrix": [[3, 1], [1, 3]],
+            "n": 8,
+        },
+        ci={"macro_f1": [0.61, 0.88], "accuracy": [0.5, 1.0]},
+        patch_metrics={"accuracy": 0.6, "macro_f1": 0.55},
+        n_patches=40,
+    )
+    return ImageLevelResult(**{**fields, **changes})
 
 
 def tiny_model(backbone_name: str | None = None) -> HistoClassifierForImageClassification:
@@ -78,7 +98,7 @@ def folder(tmp_path_factory):
         tiny_model("phikon"),
         out,
         image_processor=ViTImageProcessor(size={"height": 32, "width": 32}),
-        metrics={"image": METRICS, "patch": {"accuracy": 0.6}},
+        result=make_result(),
         training_args=args,
         data_info={"name": "GlaS 2015 train", "datasets": ["user/glas"], "n_images": {"train": 68, "val": 17}},
         repo_id="user/tiny-histo",
@@ -98,7 +118,7 @@ def test_folder_holds_weights_processor_code_card_and_plots(folder):
     names = {p.name for p in folder.iterdir()}
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= names
     assert SHIPPED <= names
-    assert (folder / "plots" / "confusion_matrix.png").is_file()
+    assert (folder / "plots" / "confusion_matrix.png").is_file()  # drawn from result.metrics["confusion_matrix"]
     with Image.open(folder / "plots" / "confusion_matrix.png") as im:
         assert im.format == "PNG"
 
@@ -121,17 +141,58 @@ def test_config_has_labels_patching_auto_map_and_custom_pipelines(folder):
     }
 
 
+def test_config_json_is_written_once_with_the_remote_code_fields(tmp_path, monkeypatch):
+    saves = []
+    original = HistoClassifierConfig.save_pretrained
+
+    def counting_save(self, *args, **kwargs):
+        saves.append(args)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(HistoClassifierConfig, "save_pretrained", counting_save)
+    model = tiny_model()
+    after_model_save = {}
+    model_save = model.save_pretrained
+
+    def recording_save(directory, **kwargs):
+        model_save(directory, **kwargs)
+        path = Path(directory) / "config.json"
+        after_model_save.update(text=path.read_text(), mtime=path.stat().st_mtime_ns)
+
+    model.save_pretrained = recording_save
+    out = save_for_hub(model, tmp_path / "m", image_processor=32)
+    assert len(saves) == 1
+    config = json.loads(after_model_save["text"])  # right after model.save_pretrained: nothing to add later
+    assert config["custom_pipelines"][TASK]["impl"] == "pipeline.HistoImageClassificationPipeline"
+    assert config["auto_map"]["AutoModelForImageClassification"].startswith("modeling_histo.")
+    assert (out / "config.json").read_text() == after_model_save["text"]
+    assert (out / "config.json").stat().st_mtime_ns == after_model_save["mtime"]
+
+
+def test_bundle_code_reads_config_json_and_refuses_one_without_remote_code_fields(folder, tmp_path):
+    before = (folder / "config.json").stat().st_mtime_ns
+    written = bundle_code(folder)
+    assert SHIPPED <= {p.name for p in written}
+    assert (folder / "config.json").stat().st_mtime_ns == before
+    model = tiny_model()
+    model.save_pretrained(tmp_path)  # no set_remote_code_config first
+    with pytest.raises(ValueError, match="lacks the remote-code fields.*save_for_hub"):
+        bundle_code(tmp_path, model)
+    with pytest.raises(FileNotFoundError, match="save the model"):
+        bundle_code(tmp_path / "empty")
+
+
 def test_shipped_code_is_flat_and_imports_only_allowed_packages(folder):
     allowed = {"numpy", "PIL", "torch", "transformers", "scipy"} | set(sys.stdlib_module_names)
-    stems = {Path(name).stem for name in SHIPPED}
-    for name in SHIPPED:
+    shipped = sorted(p.name for p in folder.glob("*.py"))
+    stems = {Path(name).stem for name in shipped}
+    for name in shipped:
         path = folder / name
         assert set(get_imports(path)) <= allowed, (name, get_imports(path))
         assert set(get_relative_imports(path)) <= stems, (name, get_relative_imports(path))
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.level:
                 assert node.level == 1 and node.module in stems, (name, node.module)
-    assert "from .patching import" in (folder / "pipeline.py").read_text()
 
 
 @pytest.mark.parametrize(
@@ -156,12 +217,27 @@ def test_saved_processor_is_the_training_eval_transform():
     from hf_histo.data.transforms import build_transforms
 
     convnext = ConvNextImageProcessor(size={"shortest_edge": 64}, crop_pct=0.875)  # would centre-crop
-    processor = inference_image_processor(convnext)
+    processor = make_image_processor(convnext)
     assert processor.size["height"] == processor.size["width"] == 64
     patch = Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 80, 3), dtype=np.uint8))
     ours = processor(images=[patch], return_tensors="pt")["pixel_values"][0]
     reference = build_transforms(convnext, train=False)(patch)
     torch.testing.assert_close(ours, reference, atol=1e-4, rtol=0)
+
+
+def test_run_data_info_reads_the_run_facts():
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    features = Features({"image_id": Value("string"), "label": ClassLabel(names=["benign", "malignant"])})
+    train = Dataset.from_dict({"image_id": ["a", "a", "b", "c"], "label": [0, 0, 1, 1]}, features=features)
+    info = run_data_info(train, {"recipe": "phikon_frozen", "data": {"data_dir": "/data/glas", "layout": "csv"}})
+    assert info == {
+        "name": "glas",
+        "layout": "csv",
+        "n_images": "3 (training split)",
+        "n_patches": 4,
+        "class_counts": {"benign": 1, "malignant": 2},
+    }
 
 
 # ---- the model card -------------------------------------------------------------------------------------------------
@@ -188,31 +264,53 @@ def test_card_metadata_is_valid(folder):
     assert {r.metric_type for r in card.data.eval_results} == set(meta["metrics"])
 
 
-def test_card_sections_results_and_hyperparameters(folder):
+def test_card_sections_results_ci_tta_and_hyperparameters(folder):
     text = (folder / "README.md").read_text()
-    for heading in (
+    headings = [line for line in text.splitlines() if line.startswith("## ")]
+    assert headings == [
         "## Intended use and limitations",
         "## Data and patching",
         "## Training procedure",
         "## Image-level results",
         "## How to use",
-    ):
-        assert heading in text
+    ]
     assert "not a medical device" in text and "Research use only" in text
-    assert "patch_size=32" in text and "`hard`" in text
+    assert "patch_size=32" in text and "Aggregation of patch predictions: `hard`" in text
     assert "| learning_rate | 0.0003 |" in text and "| seed | 7 |" in text and "| num_train_epochs | 2 |" in text
-    assert re.search(r"\| macro_f1 \| 0\.720 \| \[\d\.\d{3}, \d\.\d{3}\] \|", text)  # bootstrap CI from y_true/y_pred
+    assert "On the validation split (8 labelled images, 40 patches)" in text
+    assert "`hard` aggregation of the patch probabilities, test-time augmentation `d4`" in text
+    assert "| macro_f1 | 0.720 | [0.610, 0.880] |" in text  # the result's own CI, not recomputed
+    assert "| accuracy | 0.750 | [0.500, 1.000] |" in text and "| kappa | 0.400 | n/a |" in text
+    assert "Per-class F1: benign: 0.700, malignant: 0.740" in text
+    assert "macro_f1 0.550, accuracy 0.600" in text  # patch level
     assert "![Confusion matrix (image level)](plots/confusion_matrix.png)" in text
     assert "train: 68, val: 17" in text
+    assert 'tta="d4"' in text and "tta=True" not in text
 
 
-def test_card_without_results_or_hub_backbone():
+def test_card_states_the_results_aggregation_and_tta(tmp_path):
     config = tiny_model(backbone_name="/some/local/backbone").config
-    card = build_model_card(config, metrics={"image": {"macro_f1": 0.5, "macro_f1_ci": [0.4, 0.6]}})
-    meta = front_matter(str(card))
+    result = ImageLevelResult.from_predictions(
+        ["benign", "malignant"],
+        ["a", "b", "c", "d"],
+        [0, 0, 1, -1],
+        [[0.9, 0.1], [0.3, 0.7], [0.2, 0.8], [0.5, 0.5]],
+        aggregation="soft",
+        tta="flips",
+        split="test",
+        n_bootstrap=50,
+    )
+    text = str(build_model_card(config, result=result))
+    meta = front_matter(text)
     assert "base_model" not in meta and "datasets" not in meta
-    assert meta["model-index"][0]["results"][0]["metrics"][0]["value"] == 0.5
-    assert "| macro_f1 | 0.500 | [0.400, 0.600] |" in str(card)
+    (entry,) = meta["model-index"][0]["results"]
+    assert entry["dataset"]["split"] == "test"
+    f1 = result.metrics["macro_f1"]
+    assert {m["type"]: m["value"] for m in entry["metrics"]}["f1"] == round(f1, 4)
+    assert "On the test split (3 labelled images)" in text  # the unlabelled image is not scored
+    assert "`soft` aggregation of the patch probabilities, test-time augmentation `flips`" in text
+    low, high = result.ci["macro_f1"]
+    assert f"| macro_f1 | {f1:.3f} | [{low:.3f}, {high:.3f}] |" in text
     empty = build_model_card(config)
     assert "model-index" not in front_matter(str(empty)) and "No evaluation results" in str(empty)
 
@@ -222,7 +320,7 @@ def test_write_model_card_reads_the_saved_config(folder, tmp_path):
     copy.mkdir()
     for name in ("config.json", *SHIPPED):
         (copy / name).write_bytes((folder / name).read_bytes())
-    path = write_model_card(copy, metrics=METRICS, repo_id="me/x")
+    path = write_model_card(copy, result=make_result(), repo_id="me/x")
     meta = front_matter(path.read_text())
     assert meta["model-index"][0]["name"] == "x" and "me/x" in path.read_text()
 
@@ -288,9 +386,9 @@ class FakeHub:
             )
             return type("Commit", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/abc"})()
 
-        monkeypatch.setattr(hub.HfApi, "create_repo", create_repo)
-        monkeypatch.setattr(hub.HfApi, "upload_folder", upload_folder)
-        monkeypatch.setattr(hub, "_offline", lambda: False)
+        monkeypatch.setattr(hub_upload.HfApi, "create_repo", create_repo)
+        monkeypatch.setattr(hub_upload.HfApi, "upload_folder", upload_folder)
+        monkeypatch.setattr(hub_upload, "_offline", lambda: False)
         return self
 
 
@@ -326,10 +424,14 @@ def test_push_uploads_model_processor_card_code_and_plots(folder, monkeypatch):
 def test_push_only_from_the_main_process(folder, monkeypatch):
     fake = FakeHub().install(monkeypatch)
     assert push_folder_to_hub(folder, "user/tiny-histo", is_main_process=False) is None
-    monkeypatch.setenv("RANK", "1")
+
+    class State:  # accelerate's PartialState decides by default
+        is_main_process = False
+
+    monkeypatch.setattr(hub_upload, "PartialState", State)
     assert push_folder_to_hub(folder, "user/tiny-histo") is None
     assert fake.calls == []
-    monkeypatch.setenv("RANK", "0")
+    State.is_main_process = True
     assert push_folder_to_hub(folder, "user/tiny-histo") is not None
 
 
