@@ -7,11 +7,14 @@ Importing the package registers, in one place, the model classes with the Auto c
 __version__ = "0.1.0"
 
 from .data.builder import build_patch_dataset, load_patch_dataset
-from .data.masks import DataError
+from .data.images import DataError, load_rgb
 from .data.patching import PatchBox, PatchingConfig, component_boxes, grid_boxes, topk_boxes
 from .data.sources import Sample, SampleSet, read_samples
 from .hub import HubUnavailableError, push_folder_to_hub, save_for_hub
+from .inference.engine import ImagePrediction, InferenceEngine
+from .inference.loading import load_engine
 from .inference.pipeline import HistoImageClassificationPipeline, load_pipeline, register_pipeline_task
+from .inference.results import ImageLevelResult
 from .models import (
     HistoClassifierConfig,
     HistoClassifierForImageClassification,
@@ -28,6 +31,9 @@ __all__ = [
     "HistoClassifierForImageClassification",
     "HistoImageClassificationPipeline",
     "HubUnavailableError",
+    "ImageLevelResult",
+    "ImagePrediction",
+    "InferenceEngine",
     "PatchBox",
     "PatchingConfig",
     "Sample",
@@ -38,8 +44,10 @@ __all__ = [
     "build_patch_dataset",
     "component_boxes",
     "grid_boxes",
+    "load_engine",
     "load_patch_dataset",
     "load_pipeline",
+    "load_rgb",
     "merge_lora",
     "push_folder_to_hub",
     "read_samples",

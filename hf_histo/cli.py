@@ -7,10 +7,15 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import fields
 
-from .data.masks import DataError
+from .data.images import DataError
+from .data.patching import EMPTY_FALLBACKS, STRATEGIES, PatchingConfig
+from .models.aggregation import AGGREGATIONS
+from .models.configuration_histo import TTA_MODES
 
 LAYOUT_CHOICES = ("challenge", "table", "class_folders", "manifest")
+PATCHING_FIELDS = tuple(f.name for f in fields(PatchingConfig))
 
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
@@ -23,15 +28,49 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _bool(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "y"):
+        return True
+    if value.lower() in ("0", "false", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def _add_patching_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One flag per `PatchingConfig` field: the recipes' names, defaults and help (`DataArguments` mirrors them)."""
+    types = {"stride": int, "min_fraction": float, "paint_background": _bool}
+    choices = {"strategy": STRATEGIES, "empty_fallback": EMPTY_FALLBACKS}
+    for f in fields(PatchingConfig):
+        if f.name in skip:
+            continue
+        default = "" if f.default is None else f" Default: {f.default}."
+        kwargs = {"default": f.default, "help": f.metadata["help"] + default}
+        if f.name == "paint_background":  # `--paint_background` alone, or with true/false as in the recipes
+            kwargs.update(nargs="?", const=True)
+        kwargs["type"] = types.get(f.name, type(f.default))
+        if f.name in choices:
+            kwargs["choices"] = choices[f.name]
+        p.add_argument(f"--{f.name}", **kwargs)
+
+
+def _patching(args: argparse.Namespace, **override: str) -> PatchingConfig:
+    values = {name: value for name, value in vars(args).items() if name in PATCHING_FIELDS and name not in override}
+    try:
+        return PatchingConfig(**values, **override)
+    except ValueError as e:  # a bad combination of flags: argparse's exit status and style, no traceback
+        print(f"hf-histo {args.command}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from e
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from .data.inspect import inspect_dataset
 
     report = inspect_dataset(
         args.data,
         args.out,
-        layout=args.layout,
+        _patching(args, strategy=args.strategies[0]),
         strategies=tuple(args.strategies),
-        patch_size=args.patch_size,
+        layout=args.layout,
         on_error=args.on_error,
     )
     print(report.table())
@@ -43,11 +82,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
     dataset, report = build_patch_dataset(
         args.data,
-        strategy=args.strategy,
-        patch_size=args.patch_size,
-        stride=args.stride,
-        min_foreground=args.min_foreground,
-        top_k=args.top_k,
+        _patching(args),
         val_fraction=args.val_fraction,
         seed=args.seed,
         cache_dir=args.cache_dir,
@@ -56,9 +91,10 @@ def _cmd_build(args: argparse.Namespace) -> int:
         exclude=args.exclude,
         resize_masks=args.resize_masks,
         max_image_pixels=args.max_image_pixels,
+        num_proc=args.num_proc,
     )
     print(dataset)
-    print(report.summary() if hasattr(report, "summary") else report)
+    print(report.summary())
     return 0
 
 
@@ -66,17 +102,23 @@ def _cmd_clean(args: argparse.Namespace) -> int:
     from .data.cleaning import clean_dataset
 
     result = clean_dataset(args.data, args.out, layout=args.layout, manual_exclusions=args.exclude)
-    print(result.summary() if hasattr(result, "summary") else result)
+    print(result.summary())
     return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .training.evaluate import evaluate_model
+    from .inference.evaluate import evaluate_model
 
-    metrics = evaluate_model(
-        args.model, args.data, args.out, layout=args.layout, batch_size=args.batch_size, aggregation=args.aggregation
+    result = evaluate_model(
+        args.model,
+        args.data,
+        args.out,
+        layout=args.layout,
+        batch_size=args.batch_size,
+        aggregation=args.aggregation,
+        tta=args.tta,
     )
-    print(json.dumps({k: metrics[k] for k in ("image", "patch") if k in metrics}, indent=2, default=str))
+    print(json.dumps({"image": result.metrics, "ci": result.ci, "patch": result.patch_metrics}, indent=2))
     return 0
 
 
@@ -125,20 +167,42 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="class counts, patches per image and flags; PNG overviews")
     p.add_argument("data", help="data folder (challenge, table or class-folder layout)")
     p.add_argument("--out", required=True, help="folder for the PNGs")
-    p.add_argument("--strategies", nargs="+", default=["grid", "components", "topk"], help="patching strategies")
-    p.add_argument("--patch_size", type=int, default=224, help="tile size in pixels for grid/topk")
+    p.add_argument(
+        "--strategy",
+        "--strategies",
+        dest="strategies",
+        nargs="+",
+        choices=STRATEGIES,
+        metavar="STRATEGY",
+        default=["grid", "components", "topk"],
+        help=f"patching strategies to compare, one or more of {', '.join(STRATEGIES)} (default: grid components topk)",
+    )
+    _add_patching_options(p, skip=("strategy", "paint_background"))  # inspection draws boxes, it crops nothing
     _add_data_options(p)
     p.set_defaults(func=_cmd_inspect)
 
-    p = sub.add_parser("build", help="cut patches into the cached HF dataset and print its splits")
+    p = sub.add_parser(
+        "build",
+        help="cut patches into the cached HF dataset and print its splits",
+        description="Cut patches into the cached HF dataset. The patching and split flags have the recipes' names "
+        "and defaults, so the same flags build (and reuse) the same cache as a training run.",
+    )
     p.add_argument("data", help="data folder or clean_manifest.csv")
-    p.add_argument("--strategy", default="grid", choices=("grid", "components", "topk", "whole"))
-    p.add_argument("--patch_size", type=int, default=224)
-    p.add_argument("--stride", type=int, default=None)
-    p.add_argument("--min_foreground", type=int, default=200)
-    p.add_argument("--top_k", type=int, default=None)
-    p.add_argument("--val_fraction", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
+    _add_patching_options(p)
+    p.add_argument(
+        "--val_fraction",
+        type=float,
+        default=0.1,
+        help="share of groups (patients) held out for validation (default: 0.1)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=42,
+        help="split seed (default 42: a recipe splits with its --seed, whose default is 42, so the same flags give "
+        "the same split and reuse the same cache)",
+    )
+    p.add_argument("--num_proc", type=int, default=None, help="processes cutting patches (default: one)")
     p.add_argument("--cache_dir", default=None, help="datasets cache folder (default: HF_DATASETS_CACHE)")
     p.add_argument("--exclude", default=None, help="exclusion file (e.g. clean_out/exclusions.txt): one id per line")
     p.add_argument(
@@ -165,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="labelled data folder (any layout)")
     p.add_argument("--out", required=True, help="metrics JSON file to write")
     p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--aggregation", choices=("soft", "hard", "mask_weighted"), default=None)
+    p.add_argument("--aggregation", choices=AGGREGATIONS, default=None, help="default: the model's")
+    p.add_argument("--tta", choices=TTA_MODES, default=None, help="test-time augmentation; default: the model's")
     p.add_argument("--layout", choices=LAYOUT_CHOICES, default=None)
     p.set_defaults(func=_cmd_evaluate)
 
@@ -175,8 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="CSV file to write")
     p.add_argument("--probs", action="store_true", help="add one probability column per class")
     p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--aggregation", choices=("soft", "hard", "mask_weighted"), default=None)
-    p.add_argument("--tta", action="store_true", help="average flips and 90-degree rotations")
+    p.add_argument("--aggregation", choices=AGGREGATIONS, default=None, help="default: the model's")
+    p.add_argument("--tta", choices=TTA_MODES, default=None, help="test-time augmentation; default: the model's")
     p.add_argument("--layout", choices=LAYOUT_CHOICES, default=None)
     p.set_defaults(func=_cmd_predict)
 

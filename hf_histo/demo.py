@@ -6,16 +6,14 @@ import csv
 import io
 import json
 import logging
-import runpy
 import time
 from pathlib import Path
 from typing import Any
 
+from .inference.results import ImageLevelResult
 from .utils import atomic_write_text
 
 logger = logging.getLogger(__name__)
-
-RECIPE_PATH = Path(__file__).resolve().parents[1] / "recipes" / "phikon_frozen.py"
 
 # Sizes of the generated data and of the training run; `quick` is for tests.
 FULL = {"n_train": 64, "n_test": 24, "size_range": (256, 448), "epochs": 20, "explain": 6}
@@ -73,15 +71,15 @@ def write_test_manifest(data_dir: Path) -> Path:
     return path
 
 
-def _train(manifest: Path, model_dir: Path, backbone: str, epochs: int, seed: int) -> dict[str, Any]:
+def _train(manifest: Path, model_dir: Path, backbone: str, epochs: int, seed: int) -> ImageLevelResult | None:
     """Train the `phikon_frozen` recipe (its own `main` and defaults) on the clean manifest.
 
     Returns:
-        The recipe's `metrics.json` content (validation split).
+        The recipe's validation `ImageLevelResult` (what its `metrics.json` holds).
     """
-    if not RECIPE_PATH.is_file():
-        raise FileNotFoundError(f"{RECIPE_PATH} not found; the demo runs the repository's phikon_frozen recipe")
-    recipe = runpy.run_path(str(RECIPE_PATH), run_name="hf_histo_demo_recipe")
+    # The repository's recipes/ folder is installed as `hf_histo.recipes` (pyproject.toml: package-dir), in a wheel
+    # and in an editable install alike.
+    from .recipes import phikon_frozen as recipe
     from .training.arguments import parse_args
 
     argv = [
@@ -103,15 +101,8 @@ def _train(manifest: Path, model_dir: Path, backbone: str, epochs: int, seed: in
         "--use_cpu", "true",
         "--cache_dir", str(model_dir.parent / "cache"),
     ]  # fmt: skip
-    data_args, model_args, training_args = parse_args(recipe["RECIPE_DEFAULTS"], argv=argv)
-    return recipe["main"](data_args, model_args, training_args)
-
-
-def _image_f1(result: dict[str, Any] | None) -> float | None:
-    if not result:
-        return None
-    value = result.get("image", {}).get("macro_f1")
-    return float(value) if value is not None else None
+    data_args, model_args, training_args = parse_args(recipe.RECIPE_DEFAULTS, argv=argv)
+    return recipe.main(data_args, model_args, training_args)
 
 
 def run_demo(out_dir: str | Path = "hf_histo_demo", quick: bool = False, seed: int = 0) -> dict[str, Any]:
@@ -149,10 +140,12 @@ def run_demo(out_dir: str | Path = "hf_histo_demo", quick: bool = False, seed: i
     paths["data"] = str(data_dir)
 
     from .data.inspect import inspect_dataset
+    from .data.patching import PatchingConfig
 
     _say("2/7 inspecting the data")
+    patching = PatchingConfig(patch_size=128, stride=64)
     report = inspect_dataset(
-        data_dir, out / "inspection", strategies=("grid", "components", "topk"), patch_size=128, stride=64, n_contact=3
+        data_dir, out / "inspection", patching, strategies=("grid", "components", "topk"), n_contact=3
     )
     print(report.table(), flush=True)
     paths["inspection"] = str(out / "inspection")
@@ -173,24 +166,24 @@ def run_demo(out_dir: str | Path = "hf_histo_demo", quick: bool = False, seed: i
         notes.append(note)
     model_dir = out / "model"
     _say(f"4/7 patches (load_patch_dataset) + training phikon_frozen on {backbone} for {sizes['epochs']} epochs")
-    val_metrics = _train(manifest, model_dir, backbone, sizes["epochs"], seed)
+    val_result = _train(manifest, model_dir, backbone, sizes["epochs"], seed)
     paths["model"] = str(model_dir)
     paths["val_metrics"] = str(model_dir / "metrics.json")
 
     from .hub import write_model_card
+    from .inference.evaluate import evaluate_model
     from .inference.explain import explain_folder
     from .inference.predict import predict_folder
-    from .training.evaluate import evaluate_model
 
     test_manifest = write_test_manifest(data_dir)
     _say("5/7 evaluating at image level on the held-out test images")
     test_metrics_path = out / "test_metrics.json"
-    test_metrics = evaluate_model(model_dir, test_manifest, test_metrics_path)
+    test_result = evaluate_model(model_dir, test_manifest, test_metrics_path, progress=False)
     paths["test_metrics"] = str(test_metrics_path)
 
     card = write_model_card(
         model_dir,
-        metrics=test_metrics,
+        result=test_result,
         data_info={"name": "hf-histo synthetic demo data", "n_train": sizes["n_train"], "n_test": sizes["n_test"]},
     )
     paths["model_card"] = str(card)
@@ -206,9 +199,9 @@ def run_demo(out_dir: str | Path = "hf_histo_demo", quick: bool = False, seed: i
 
     summary = {
         "backbone": backbone,
-        "image_macro_f1": _image_f1(test_metrics),
-        "image_accuracy": test_metrics["image"].get("accuracy"),
-        "val_image_macro_f1": _image_f1(val_metrics),
+        "image_macro_f1": test_result.metrics["macro_f1"],
+        "image_accuracy": test_result.metrics["accuracy"],
+        "val_image_macro_f1": val_result.metrics["macro_f1"] if val_result is not None else None,
         "n_train": sizes["n_train"],
         "n_test": sizes["n_test"],
         "paths": paths,

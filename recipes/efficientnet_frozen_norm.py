@@ -19,8 +19,9 @@ from hf_histo.data.transforms import PatchCollator, build_batch_mixer
 from hf_histo.hub import save_run
 from hf_histo.training.arguments import parse_args
 from hf_histo.training.cross_validation import run_cross_validation
+from hf_histo.training.finalize import finalize_run
 from hf_histo.training.run import build_datasets, build_model, run_info, setup_logging, with_patch_transforms
-from hf_histo.training.trainer import HistoTrainer, finalize_run
+from hf_histo.training.trainer import HistoTrainer
 
 RECIPE_DEFAULTS = dict(
     model_name_or_path="efficientnet-b0",  # timm/efficientnet_b0.ra_in1k through transformers' TimmWrapper
@@ -66,11 +67,10 @@ def main(data_args, model_args, training_args):
         batch_mixer=build_batch_mixer(len(labels), data_args.cutmix_alpha, data_args.mixup_alpha, data_args.mix_prob),
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    metrics = finalize_run(
-        trainer, run_info=run_info("efficientnet_frozen_norm", data_args, model_args, training_args), save_model=False
-    )
-    save_run(trainer, metrics)  # weights, processor, code, card, plots; uploaded with --push_to_hub
-    return metrics
+    info = run_info("efficientnet_frozen_norm", data_args, model_args, training_args)
+    result = finalize_run(trainer, data, data_args, run_info=info, save_model=False)  # engine on validation images
+    save_run(trainer, result, run=info)  # weights, processor, code, card, plots; uploaded with --push_to_hub
+    return result
 
 
 if __name__ == "__main__":

@@ -10,6 +10,23 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# Runs a recipe with a ParamDigestCallback added to its trainer (test-only instrumentation, no library hook).
+WRAPPER = """
+import runpy, sys
+sys.path.insert(0, {tests!r})
+from digests import ParamDigestCallback
+from hf_histo.training.trainer import HistoTrainer
+
+init = HistoTrainer.__init__
+
+def with_digests(self, *args, **kwargs):
+    kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), ParamDigestCallback({out!r})]
+    init(self, *args, **kwargs)
+
+HistoTrainer.__init__ = with_digests
+sys.argv = [{recipe!r}, *sys.argv[1:]]
+runpy.run_path({recipe!r}, run_name="__main__")
+"""
 
 
 def _free_port() -> int:
@@ -25,6 +42,9 @@ def test_progressive_unfreezing_under_two_process_ddp(tmp_path):
 
     data_dir = make_synthetic_dataset(tmp_path / "data", n_train=12, n_test=0, size_range=(160, 240), seed=0)
     accelerate = Path(sys.executable).parent / "accelerate"
+    wrapper = tmp_path / "convnext_progressive_with_digests.py"
+    recipe = ROOT / "recipes" / "convnext_progressive.py"
+    wrapper.write_text(WRAPPER.format(tests=str(ROOT / "tests"), out=str(tmp_path / "digests"), recipe=str(recipe)))
     cmd = [
         str(accelerate),
         "launch",
@@ -33,7 +53,7 @@ def test_progressive_unfreezing_under_two_process_ddp(tmp_path):
         "2",
         "--main_process_port",
         str(_free_port()),
-        str(ROOT / "recipes" / "convnext_progressive.py"),
+        str(wrapper),
         "--demo",
         "--data_dir",
         str(data_dir),
@@ -56,7 +76,7 @@ def test_progressive_unfreezing_under_two_process_ddp(tmp_path):
         "--disable_tqdm",
         "true",
     ]
-    env = {**os.environ, "HF_HISTO_DEBUG_PARAM_DIGEST": str(tmp_path / "digests"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = [json.loads((tmp_path / "digests" / f"rank{r}.json").read_text()) for r in (0, 1)]

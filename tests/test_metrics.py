@@ -1,23 +1,19 @@
-"""Tests for patch/image metrics, bootstrap intervals, the streaming accumulator and plots."""
+"""Classification metrics and bootstrap intervals, the Trainer's streaming image-level metrics, and plots."""
 
-import time
+import math
 import warnings
-from types import SimpleNamespace
 
+import datasets
 import numpy as np
 import pytest
+import torch
 from sklearn.metrics import balanced_accuracy_score, cohen_kappa_score, f1_score, roc_auc_score
+from transformers import EvalPrediction
 
+from hf_histo.inference.metrics import METRIC_KEYS, bootstrap_ci, classification_metrics
+from hf_histo.inference.plots import plot_confusion_matrix, plot_training_curves
 from hf_histo.models.aggregation import aggregate_by_image
-from hf_histo.training.metrics import (
-    PatchPredictionAccumulator,
-    bootstrap_ci,
-    classification_metrics,
-    image_level_metrics,
-    make_compute_metrics,
-    plot_confusion_matrix,
-    plot_training_curves,
-)
+from hf_histo.training.metrics import ImageLevelMetrics, dataset_column
 
 LABELS = ["HER2(+)", "Luminal A", "Luminal B", "Triple negative"]
 
@@ -130,24 +126,13 @@ def test_bootstrap_ci_contains_point_estimate_and_is_deterministic(metric):
         "balanced_accuracy": balanced_accuracy_score(y_true, y_pred),
         "kappa": cohen_kappa_score(y_true, y_pred),
     }[metric]
-    low, high = bootstrap_ci(y_true, y_pred, metric=metric, seed=3)
+    low, high = bootstrap_ci(y_true, y_pred, metric=metric, n_boot=100, seed=3)
     assert low < point < high
     assert high - low < 0.35
-    assert bootstrap_ci(y_true, y_pred, metric=metric, seed=3) == (low, high)
-    assert bootstrap_ci(y_true, y_pred, metric=metric, seed=4) != (low, high)
-
-
-def test_bootstrap_vectorised_matches_callable_and_is_fast():
-    rng = np.random.default_rng(0)
-    y_true = rng.integers(0, 4, 100)
-    y_pred = np.where(rng.random(100) < 0.6, y_true, rng.integers(0, 4, 100))
-    start = time.perf_counter()
-    fast = bootstrap_ci(y_true, y_pred, "macro_f1", n_boot=1000)
-    assert time.perf_counter() - start < 1.0
-    slow = bootstrap_ci(y_true, y_pred, lambda t, p: f1_score(t, p, average="macro", zero_division=0), n_boot=200)
-    fast200 = bootstrap_ci(y_true, y_pred, "macro_f1", n_boot=200)
-    assert fast200 == pytest.approx(slow)
-    assert fast[0] < fast[1]
+    assert bootstrap_ci(y_true, y_pred, metric=metric, n_boot=100, seed=3) == (low, high)
+    assert bootstrap_ci(y_true, y_pred, metric=metric, n_boot=100, seed=4) != (low, high)
+    narrow = bootstrap_ci(y_true, y_pred, metric=metric, n_boot=100, alpha=0.5, seed=3)
+    assert low < narrow[0] < narrow[1] < high  # a 50% interval sits inside the 95% one
 
 
 def test_bootstrap_invalid():
@@ -155,85 +140,111 @@ def test_bootstrap_invalid():
         bootstrap_ci([0, 1], [0, 1], metric="auc")
     with pytest.raises(ValueError, match="equal length"):
         bootstrap_ci([0, 1], [0])
+    with pytest.raises(ValueError, match="non-empty"):
+        bootstrap_ci([], [])
+    with pytest.raises(ValueError, match="n_boot >= 1"):
+        bootstrap_ci([0, 1], [0, 1], n_boot=0)
+    with pytest.raises(ValueError, match="0 < alpha < 1"):
+        bootstrap_ci([0, 1], [0, 1], alpha=1.0)
+
+
+def test_bootstrap_undefined_is_nan():
+    assert all(math.isnan(v) for v in bootstrap_ci([1], [1]))  # one image: no interval
+    low, high = bootstrap_ci([2, 2, 2, 2], [2, 2, 2, 2], "kappa", n_boot=20)  # kappa of one class is undefined
+    assert math.isnan(low) and math.isnan(high)
+
+
+# ---- ImageLevelMetrics: the Trainer's compute_metrics, fed patch probabilities batch by batch ----------------------
+def _rows(ids, foreground=None) -> datasets.Dataset:
+    columns = {"image_id": list(ids), "label": [0] * len(ids)}
+    if foreground is not None:
+        columns["foreground"] = list(foreground)
+    return datasets.Dataset.from_dict(columns)
+
+
+def _stream(metrics, probs, labels, batch=7, as_tuple=False):
+    """Feed `metrics` the way Trainer(batch_eval_metrics=True) does; return the last call's output."""
+    out = None
+    for start in range(0, len(labels), batch):
+        stop = min(start + batch, len(labels))
+        predictions = torch.tensor(probs[start:stop], dtype=torch.float32)
+        eval_prediction = EvalPrediction(
+            predictions=(predictions, None) if as_tuple else predictions,
+            label_ids=torch.tensor(np.asarray(labels[start:stop])),
+        )
+        out = metrics(eval_prediction, compute_result=stop == len(labels))
+        if stop < len(labels):
+            assert out == {}
+    return out
 
 
 @pytest.mark.parametrize("aggregation", ["soft", "hard", "mask_weighted"])
-def test_image_level_metrics_uses_aggregation(aggregation):
-    ids, probs, labels, fg = _patch_data()
-    m = image_level_metrics(ids, probs, labels, LABELS, aggregation, foreground=fg)
-    image_ids, image_probs = aggregate_by_image(ids, probs, aggregation, fg)
-    y_img = np.array([labels[ids.index(i)] for i in image_ids])
-    assert m == classification_metrics(y_img, image_probs, LABELS)
-    assert m["n"] == 12
-
-
-def test_image_level_metrics_rejects_inconsistent_labels():
-    with pytest.raises(ValueError, match="different labels"):
-        image_level_metrics(["a", "a"], np.eye(2), [0, 1], ["x", "y"])
-
-
-@pytest.mark.parametrize("aggregation", ["soft", "hard", "mask_weighted"])
-@pytest.mark.parametrize("keep_patch_probs", [True, False])
-def test_accumulator_equals_batch_computation(aggregation, keep_patch_probs):
-    ids, probs, labels, fg = _patch_data(n_images=20, seed=2)
-    acc = PatchPredictionAccumulator(4, keep_patch_probs=keep_patch_probs)
-    for start in range(0, len(ids), 7):
-        sl = slice(start, start + 7)
-        acc.add(ids[sl], probs[sl], labels[sl], fg[sl])
-    assert len(acc) == len(ids)
-    out = acc.compute(LABELS, aggregation)
-    expected_image = image_level_metrics(ids, probs, labels, LABELS, aggregation, foreground=fg)
-    expected_patch = classification_metrics(labels, probs, LABELS)
-    for key in ("accuracy", "macro_f1", "balanced_accuracy", "kappa", "n"):
-        assert out["image"][key] == pytest.approx(expected_image[key])
-        assert out["patch"][key] == pytest.approx(expected_patch[key])
-    assert out["image"]["confusion_matrix"] == expected_image["confusion_matrix"]
-    assert out["patch"]["confusion_matrix"] == expected_patch["confusion_matrix"]
-    assert out["image"]["auroc"] == pytest.approx(expected_image["auroc"])
-    if keep_patch_probs:
-        assert out["patch"]["auroc"] == pytest.approx(expected_patch["auroc"], abs=1e-6)
-    else:
-        assert out["patch"]["auroc"] is None
-    _, image_probs = acc.image_probs(aggregation)
-    np.testing.assert_allclose(image_probs, aggregate_by_image(ids, probs, aggregation, fg)[1], atol=1e-9)
-
-
-def test_accumulator_unlabelled_patches_and_errors():
-    acc = PatchPredictionAccumulator(2)
-    acc.add(["a", "b"], np.array([[0.9, 0.1], [0.2, 0.8]]), [0, -1])
-    out = acc.compute(["x", "y"])
-    assert out["image"]["n"] == 1 and out["patch"]["n"] == 1
-    with pytest.raises(ValueError, match="different labels"):
-        acc.add(["a"], np.array([[0.5, 0.5]]), [1])
-    with pytest.raises(ValueError, match=r"\[batch, 2\]"):
-        acc.add(["c"], np.array([[0.5, 0.3, 0.2]]), [1])
-
-
-def test_make_compute_metrics_for_trainer():
-    ids, probs, labels, fg = _patch_data(n_images=15, seed=4)
-    logits = np.log(probs) + 3.0  # softmax(logits) == probs
-    fn = make_compute_metrics(LABELS, ids, foreground_eval=fg, aggregation="hard")
-    out = fn(SimpleNamespace(predictions=(logits, None), label_ids=labels))
-    image = image_level_metrics(ids, probs, labels, LABELS, "hard", fg)
-    patch = classification_metrics(labels, probs, LABELS)
-    assert out["image_macro_f1"] == pytest.approx(image["macro_f1"])
-    assert out["image_balanced_accuracy"] == pytest.approx(image["balanced_accuracy"])
-    assert out["image_kappa"] == pytest.approx(image["kappa"])
-    assert out["patch_accuracy"] == pytest.approx(patch["accuracy"])
-    assert out["patch_auroc"] == pytest.approx(patch["auroc"])
-    assert out["image_n"] == 15
-    assert {"image_accuracy", "image_auroc", "patch_macro_f1", "patch_balanced_accuracy", "patch_kappa"} <= set(out)
+@pytest.mark.parametrize("batch", [1, 7, 1000])
+def test_image_level_metrics_equal_the_batch_computation(aggregation, batch):
+    ids, probs, labels, fg = _patch_data(n_images=20, seed=2)  # patches of one image are not contiguous
+    metrics = ImageLevelMetrics(LABELS, aggregation)
+    metrics.start(_rows(ids, fg))
+    out = _stream(metrics, probs, labels, batch, as_tuple=batch == 7)
+    image_ids, image_probs = aggregate_by_image(
+        ids, probs, aggregation, fg if aggregation == "mask_weighted" else None
+    )
+    image = classification_metrics([labels[ids.index(i)] for i in image_ids], image_probs, LABELS)
+    patch = classification_metrics(labels, probs, LABELS)  # the probabilities as given: no second softmax
+    for key in METRIC_KEYS:
+        assert out[f"image_{key}"] == pytest.approx(image[key], abs=1e-6), key
+        assert out[f"patch_{key}"] == pytest.approx(patch[key], abs=1e-6), key
+    assert out["image_n"] == 20 and out["patch_n"] == len(ids)
+    assert set(out) == {f"{level}_{key}" for level in ("image", "patch") for key in (*METRIC_KEYS, "n")}
     assert all(isinstance(v, float) for v in out.values())
-    with pytest.raises(ValueError, match="eval predictions"):
-        fn(SimpleNamespace(predictions=logits[:-1], label_ids=labels[:-1]))
 
 
-def test_make_compute_metrics_nan_when_undefined():
-    fn = make_compute_metrics(["x", "y"], ["a", "a"])
-    out = fn(SimpleNamespace(predictions=np.array([[2.0, 0.0], [1.0, 0.0]]), label_ids=np.array([0, 0])))
-    assert np.isnan(out["image_auroc"]) and out["image_accuracy"] == 1.0
-    with pytest.raises(ValueError, match="needs foreground_eval"):
-        make_compute_metrics(["x", "y"], ["a"], aggregation="mask_weighted")
+def test_image_level_metrics_reset_between_evaluations():
+    ids, probs, labels, fg = _patch_data(n_images=10, seed=3)
+    metrics = ImageLevelMetrics(LABELS, "hard")
+    metrics.start(_rows(ids, fg))
+    first = _stream(metrics, probs, labels)
+    metrics.start(_rows(ids, fg))
+    assert _stream(metrics, probs, labels) == first  # nothing of the first evaluation is left behind
+    half = len(ids) // 2
+    metrics.start(_rows(ids[:half]))
+    assert _stream(metrics, probs[:half], labels[:half])["patch_n"] == half
+
+
+def test_image_level_metrics_mask_weighted_uses_the_foreground_column():
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7]])
+    labels = np.array([0, 0, 0])
+    weighted = ImageLevelMetrics(["x", "y"], "mask_weighted")
+    weighted.start(_rows(["a", "a", "a"], [1.0, 0.0, 0.0]))  # only the first patch counts: class x
+    assert _stream(weighted, probs, labels)["image_accuracy"] == 1.0
+    soft = ImageLevelMetrics(["x", "y"], "soft")  # mean: [0.47, 0.53] -> class y
+    soft.start(_rows(["a", "a", "a"], [1.0, 0.0, 0.0]))
+    assert _stream(soft, probs, labels)["image_accuracy"] == 0.0
+    no_foreground = ImageLevelMetrics(["x", "y"], "mask_weighted")  # no column: soft vote
+    no_foreground.start(_rows(["a", "a", "a"]))
+    assert _stream(no_foreground, probs, labels)["image_accuracy"] == 0.0
+
+
+def test_image_level_metrics_unlabelled_rows_missing_ids_and_errors():
+    metrics = ImageLevelMetrics(["x", "y"])
+    metrics.start(_rows(["a", "b"]))
+    out = _stream(metrics, np.array([[0.9, 0.1], [0.2, 0.8]]), [0, -1])
+    assert out["image_n"] == 1 and out["patch_n"] == 1 and out["image_accuracy"] == 1.0
+    assert math.isnan(out["image_auroc"]) and math.isnan(out["patch_kappa"])  # one class: undefined, not an error
+
+    metrics.start(datasets.Dataset.from_dict({"label": [0, 1, 1]}))  # no image_id column: one image per row
+    out = _stream(metrics, np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]]), [0, 1, 1])
+    assert out["image_n"] == out["patch_n"] == 3 and out["image_accuracy"] == pytest.approx(2 / 3)
+
+    metrics.start(_rows(["a", "b"]))
+    with pytest.raises(ValueError, match="eval dataset has 2 rows"):
+        _stream(metrics, np.full((3, 2), 0.5), [0, 1, 1])
+
+
+def test_dataset_column_reads_raw_values_of_a_formatted_dataset():
+    ds = _rows(["a", "b"], [0.5, 1.0]).with_transform(lambda batch: {"pixel_values": [0] * len(batch["label"])})
+    assert dataset_column(ds, "image_id") == ["a", "b"]
+    assert dataset_column(ds, "foreground") == [0.5, 1.0]
+    assert dataset_column(ds, "mask") is None and dataset_column(None, "image_id") is None
 
 
 def _is_png(path):

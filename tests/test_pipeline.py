@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import ViTImageProcessor
 from transformers import pipeline as hf_pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from hf_histo.data.patching import PatchingConfig, crop_patch
+from hf_histo.data.transforms import make_image_processor
 from hf_histo.hub import save_for_hub
+from hf_histo.inference.engine import PatchedImage
 from hf_histo.inference.pipeline import (
     TASK,
     HistoImageClassificationPipeline,
-    dihedral_views,
     load_pipeline,
     register_pipeline_task,
 )
@@ -60,7 +60,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def processor():
-    return ViTImageProcessor(size={"height": 32, "width": 32})
+    return make_image_processor(32)
 
 
 @pytest.fixture(scope="module")
@@ -76,15 +76,23 @@ def saved(tmp_path_factory, model, processor):
     return folder
 
 
-def manual_patch_probs(model, processor, image: np.ndarray, mask: np.ndarray, tta: bool = False):
-    """Patch probabilities computed by hand with the training patching functions."""
+def hand_views(pixels: torch.Tensor, tta: str) -> list[torch.Tensor]:
+    """The TTA views built independently of the engine: D4 as the 4 turns of the image and of its mirror."""
+    if tta == "none":
+        return [pixels]
+    if tta == "flips":
+        return [pixels, pixels.flip(-1), pixels.flip(-2)]
+    return [torch.rot90(x, k, dims=(-2, -1)) for x in (pixels, pixels.flip(-1)) for k in range(4)]
+
+
+def manual_patch_probs(model, processor, image: np.ndarray, mask: np.ndarray, tta: str = "none"):
+    """Patch probabilities computed by hand with the training patching functions, one forward per TTA view."""
     boxes = PatchingConfig.from_dict(model.config.patching).boxes(mask)
     pil = Image.fromarray(image)
     crops = [crop_patch(pil, box, mask) for box in boxes]
     pixels = processor(images=crops, return_tensors="pt")["pixel_values"]
-    views = dihedral_views(pixels) if tta else [pixels]
     with torch.no_grad():
-        probs = torch.stack([model(pixel_values=v).logits.softmax(-1) for v in views]).mean(0)
+        probs = torch.stack([model(pixel_values=v).logits.softmax(-1) for v in hand_views(pixels, tta)]).mean(0)
     return boxes, probs.double().numpy()
 
 
@@ -99,6 +107,12 @@ HAND_PROBS = np.array([[0.6, 0.3, 0.1], [0.6, 0.3, 0.1], [0.1, 0.2, 0.7]])
 HAND_BOXES = np.array([[0, 0, 32, 32, 1024], [32, 0, 32, 32, 512], [64, 0, 32, 32, 1024]])  # fractions 1, .5, 1
 
 
+def hand_outputs(probs: np.ndarray, tta: str = "none") -> dict:
+    """What `_forward` hands to `postprocess`: the patched image and its patch probabilities."""
+    patched = PatchedImage(image=None, mask=None, boxes=HAND_BOXES, mask_source="mask", fallback=None)
+    return {"patched": patched, "probs": probs, "tta": tta}
+
+
 @pytest.mark.parametrize(
     ("method", "expected"),
     [
@@ -108,8 +122,7 @@ HAND_BOXES = np.array([[0, 0, 32, 32, 1024], [32, 0, 32, 32, 512], [64, 0, 32, 3
     ],
 )
 def test_postprocess_aggregations_hand_computed(pipe, method, expected):
-    outputs = {"probs": HAND_PROBS, "boxes": HAND_BOXES, "fallback": None, "mask_source": "mask"}
-    result = pipe.postprocess(outputs, aggregation=method, top_k=3)
+    result = pipe.postprocess(hand_outputs(HAND_PROBS), aggregation=method, top_k=3)
     scores = {entry["label"]: entry["score"] for entry in result}
     np.testing.assert_allclose([scores[LABELS[i]] for i in range(3)], expected, atol=1e-9)
     assert [e["score"] for e in result] == sorted((e["score"] for e in result), reverse=True)
@@ -118,7 +131,7 @@ def test_postprocess_aggregations_hand_computed(pipe, method, expected):
 
 def test_hard_and_soft_disagree_as_computed_by_hand(pipe):
     probs = np.array([[0.4, 0.35, 0.25], [0.4, 0.35, 0.25], [0.0, 1.0, 0.0]])
-    outputs = {"probs": probs, "boxes": HAND_BOXES, "fallback": None, "mask_source": "mask"}
+    outputs = hand_outputs(probs)
     assert pipe.postprocess(outputs, aggregation="soft")[0]["label"] == "Luminal A"  # (0.35+0.35+1)/3 = 0.567
     assert pipe.postprocess(outputs, aggregation="hard")[0]["label"] == "HER2(+)"  # 2 of 3 votes
 
@@ -126,9 +139,10 @@ def test_hard_and_soft_disagree_as_computed_by_hand(pipe):
 def test_aggregation_defaults_to_the_config(processor):
     model = tiny_model(aggregation="hard")
     pipe = HistoImageClassificationPipeline(model=model, image_processor=processor)
-    outputs = {"probs": HAND_PROBS, "boxes": HAND_BOXES, "fallback": None, "mask_source": "mask"}
+    outputs = hand_outputs(HAND_PROBS)
     assert pipe.postprocess(outputs, return_patches=True)["aggregation"] == "hard"
     assert pipe.postprocess(outputs, top_k=1)[0]["score"] == pytest.approx(2 / 3)
+    assert pipe.postprocess(hand_outputs(HAND_PROBS, "d4"), return_patches=True)["tta"] == "d4"  # as forwarded
 
 
 # ---- end to end: same patches, same probabilities -------------------------------------------------------------------
@@ -160,23 +174,37 @@ def test_batch_size_does_not_change_results(pipe):
             np.testing.assert_allclose(list(a["probs"].values()), list(b["probs"].values()), atol=1e-5)
 
 
-def test_tta_averages_the_eight_dihedral_views(pipe, model, processor):
+@pytest.mark.parametrize("tta", ["flips", "d4"])
+def test_tta_averages_the_views_computed_by_hand(pipe, model, processor, tta):
     image, mask = tissue_image(), half_mask()
-    _, expected = manual_patch_probs(model, processor, image, mask, tta=True)
-    _, plain = manual_patch_probs(model, processor, image, mask, tta=False)
-    result = pipe(image, mask=mask, tta=True, return_patches=True)
+    _, expected = manual_patch_probs(model, processor, image, mask, tta=tta)
+    _, plain = manual_patch_probs(model, processor, image, mask)
+    result = pipe(image, mask=mask, tta=tta, return_patches=True)
     got = np.array([list(p["probs"].values()) for p in result["patches"]])
     np.testing.assert_allclose(got, expected, atol=1e-5)
     assert not np.allclose(got, plain, atol=1e-4)  # a random ViT is not rotation invariant
-    assert len(dihedral_views(torch.zeros(1, 3, 4, 4))) == 8
-    assert len(dihedral_views(torch.zeros(1, 3, 4, 6))) == 4  # non-square inputs: flips only
+    assert result["tta"] == tta
+    assert pipe(image, mask=mask, return_patches=True)["tta"] == "none"  # the model's config.tta
+
+
+def test_tta_defaults_to_the_config_and_refuses_a_bool(processor):
+    pipe = HistoImageClassificationPipeline(model=tiny_model(tta="flips"), image_processor=processor)
+    image, mask = tissue_image(), half_mask()
+    _, flips = manual_patch_probs(pipe.model, processor, image, mask, tta="flips")
+    result = pipe(image, mask=mask, return_patches=True)
+    assert result["tta"] == "flips"
+    np.testing.assert_allclose([list(p["probs"].values()) for p in result["patches"]], flips, atol=1e-5)
+    assert pipe(image, mask=mask, tta="none", return_patches=True)["tta"] == "none"  # the call wins
+    for bad in (True, "rot90"):
+        with pytest.raises(ValueError, match="unknown TTA"):
+            pipe(image, mask=mask, tta=bad)
 
 
 def test_tta_of_a_symmetric_patch_is_a_no_op(pipe):
     image = np.full((64, 64, 3), (180, 80, 160), dtype=np.uint8)  # constant colour: all 8 views are equal
     mask = np.ones((64, 64), dtype=bool)
     plain = pipe(image, mask=mask, top_k=3)
-    tta = pipe(image, mask=mask, top_k=3, tta=True)
+    tta = pipe(image, mask=mask, top_k=3, tta="d4")
     assert [e["label"] for e in plain] == [e["label"] for e in tta]
     np.testing.assert_allclose([e["score"] for e in plain], [e["score"] for e in tta], atol=1e-6)
 
@@ -252,16 +280,13 @@ def test_no_qualifying_patch_falls_back_to_the_best_tile_as_in_training(pipe, mo
     assert all(e["fallback"] == "best_tile" for e in pipe(image, mask=mask))
 
 
-def test_whole_image_safety_net_when_no_box_at_all(pipe, monkeypatch, model, processor):
-    monkeypatch.setattr(pipe.patching_config, "boxes_with_fallback", lambda mask: ([], True))
-    image = tissue_image(size=40)
-    result = pipe(image, mask=np.ones((40, 40), dtype=bool), return_patches=True)
-    assert result["fallback"] == "whole_image" and [p["box"] for p in result["patches"]] == [[0, 0, 40, 40]]
-    pixels = processor(images=[Image.fromarray(image)], return_tensors="pt")["pixel_values"]
-    with torch.no_grad():
-        expected = model(pixel_values=pixels).logits.softmax(-1)[0].numpy()
-    got = {e["label"]: e["score"] for e in result["predictions"]}
-    np.testing.assert_allclose([got[LABELS[i]] for i in range(3)], expected, atol=1e-5)
+def test_an_image_without_any_box_is_refused_clearly(pipe, monkeypatch):
+    # boxes_with_fallback returns a tile whenever the mask has a pixel and resolve_mask never returns an empty mask,
+    # so this only guards against a future strategy: the old "whole_image" safety net is gone, the engine refuses.
+    # (tests/test_engine.py checks that InferenceEngine.predict says so.)
+    monkeypatch.setattr(pipe.engine.patching, "boxes_with_fallback", lambda mask: ([], True))
+    with pytest.raises(ValueError, match="no patch could be cut"):
+        pipe(tissue_image(size=40), mask=np.ones((40, 40), dtype=bool))
 
 
 def test_blank_image_without_tissue_is_patched_whole(pipe):
@@ -276,6 +301,8 @@ def test_bad_inputs_raise_clear_errors(pipe, tmp_path):
         pipe(tissue_image(), mask=np.ones((10, 10), dtype=bool))
     with pytest.raises(ValueError, match="unknown aggregation"):
         pipe(tissue_image(), aggregation="max")
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        pipe(tissue_image(), batch_size=0)
 
 
 # ---- registration, loading, saving ----------------------------------------------------------------------------------
@@ -302,7 +329,7 @@ def test_load_pipeline_and_registered_task(saved, pipe):
     expected = pipe(image, mask=mask)
     loaded = load_pipeline(saved, batch_size=5)
     assert isinstance(loaded, HistoImageClassificationPipeline)
-    assert loaded.patching_config.patch_size == 32
+    assert loaded.engine.patching == PatchingConfig.from_dict(PATCHING) and loaded.engine.batch_size == 5
     got = loaded(image, mask=mask)
     np.testing.assert_allclose([e["score"] for e in got], [e["score"] for e in expected], atol=1e-5)
     # The registered task also builds from a model object and its processor.
@@ -321,16 +348,6 @@ def test_plain_image_classification_pipeline_classifies_patches(saved, model, pr
     np.testing.assert_allclose([got[LABELS[i]] for i in range(3)], expected, atol=1e-5)
 
 
-def test_pipeline_save_pretrained_writes_a_complete_folder(pipe, saved, tmp_path):
-    pipe.save_pretrained(tmp_path / "again")
-    for name in ("pipeline.py", "patching.py", "masks.py", "aggregation.py", "modeling_histo.py", "config.json"):
-        assert (tmp_path / "again" / name).is_file(), name
-    for code in saved.glob("*.py"):
-        assert (tmp_path / "again" / code.name).read_text() == code.read_text(), code.name
-    config = json.loads((tmp_path / "again" / "config.json").read_text())
-    assert config["custom_pipelines"][TASK]["impl"] == "pipeline.HistoImageClassificationPipeline"
-
-
 CHILD = textwrap.dedent(
     """
     import json, sys
@@ -344,7 +361,7 @@ CHILD = textwrap.dedent(
     mask = np.load("mask.npy")
     pipe = pipeline("histo-image-classification", model="tiny-histo", trust_remote_code=True)
     result = pipe(image, mask=mask, top_k=3, return_patches=True)
-    tta = pipe(image, mask=mask, top_k=3, tta=True)
+    tta = pipe(image, mask=mask, top_k=3, tta="d4")
     report = {
         "pipeline_module": type(pipe).__module__,
         "model_module": type(pipe.model).__module__,
@@ -384,5 +401,6 @@ def test_trust_remote_code_pipeline_without_hf_histo(saved, pipe):
         atol=1e-6,
     )
     assert [p["box"] for p in report["result"]["patches"]] == [p["box"] for p in expected["patches"]]
-    expected_tta = pipe(image, mask=mask, top_k=3, tta=True)
+    assert report["result"]["tta"] == "none"
+    expected_tta = pipe(image, mask=mask, top_k=3, tta="d4")
     np.testing.assert_allclose([e["score"] for e in report["tta"]], [e["score"] for e in expected_tta], atol=1e-6)

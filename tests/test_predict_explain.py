@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import ViTImageProcessor
 
-from hf_histo.data.sources import DataError
+from hf_histo.data.images import DataError
+from hf_histo.data.transforms import make_image_processor
 from hf_histo.hub import save_for_hub
-from hf_histo.inference.explain import attention_rollout, explain_folder, grad_cam, patch_saliency
+from hf_histo.inference.engine import InferenceEngine
+from hf_histo.inference.explain import attention_rollout, explain_folder, explain_image, grad_cam, patch_saliency
 from hf_histo.inference.pipeline import load_pipeline
 from hf_histo.inference.predict import predict_folder
 from hf_histo.models import HistoClassifierConfig, HistoClassifierForImageClassification, tiny_backbone_config
@@ -18,19 +19,20 @@ from hf_histo.models import HistoClassifierConfig, HistoClassifierForImageClassi
 LABELS = {0: "HER2(+)", 1: "Luminal A", 2: "Luminal B", 3: "Triple negative"}
 
 
-def tiny_model(family: str = "vit", patch_size: int = 32) -> HistoClassifierForImageClassification:
+def tiny_model(family: str = "vit", patch_size: int = 32, **config_kwargs) -> HistoClassifierForImageClassification:
     torch.manual_seed(0)
     config = HistoClassifierConfig(
         backbone_config=tiny_backbone_config(family),
         id2label=LABELS,
         label2id={v: k for k, v in LABELS.items()},
         patching={"strategy": "grid", "patch_size": patch_size, "min_foreground": 200},
+        **config_kwargs,
     )
     return HistoClassifierForImageClassification(config).eval()
 
 
 def save(model, folder):
-    return save_for_hub(model, folder, image_processor=ViTImageProcessor(size={"height": 32, "width": 32}))
+    return save_for_hub(model, folder, image_processor=make_image_processor(32))
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +88,7 @@ def test_predict_writes_the_submission_format(vit_dir, challenge, tmp_path):
 
 def test_predict_probs_adds_one_column_per_class(vit_dir, challenge, tmp_path):
     out = predict_folder(
-        vit_dir, challenge, tmp_path / "probs.csv", probs=True, tta=True, batch_size=3, progress=False
+        vit_dir, challenge, tmp_path / "probs.csv", probs=True, tta="d4", batch_size=3, progress=False
     )
     rows = read_csv(out)
     assert rows[0] == ["sample_index", "label", *LABELS.values()]
@@ -97,8 +99,33 @@ def test_predict_probs_adds_one_column_per_class(vit_dir, challenge, tmp_path):
 
     pipe = load_pipeline(vit_dir)
     image, mask = challenge / "train_data" / "img_0001.png", challenge / "train_data" / "mask_0001.png"
-    expected = {e["label"]: e["score"] for e in pipe(str(image), mask=str(mask), tta=True, top_k=4)}
+    expected = {e["label"]: e["score"] for e in pipe(str(image), mask=str(mask), tta="d4", top_k=4)}
     np.testing.assert_allclose(np.array(rows[2][2:], dtype=float), [expected[v] for v in LABELS.values()], atol=1e-5)
+    plain = {e["label"]: e["score"] for e in pipe(str(image), mask=str(mask), top_k=4)}
+    assert not np.allclose([plain[v] for v in LABELS.values()], np.array(rows[2][2:], dtype=float), atol=1e-5)
+
+
+def test_predict_uses_the_models_tta_and_aggregation_unless_told(challenge, tmp_path):
+    model_dir = save(tiny_model(tta="flips", aggregation="hard"), tmp_path / "model")
+    image, mask = challenge / "train_data" / "img_0002.png", challenge / "train_data" / "mask_0002.png"
+    pipe = load_pipeline(model_dir)
+
+    def row_probs(path):
+        return np.array(read_csv(path)[3][2:], dtype=float)
+
+    def pipe_probs(**kwargs):
+        scores = {e["label"]: e["score"] for e in pipe(str(image), mask=str(mask), top_k=4, **kwargs)}
+        return [scores[v] for v in LABELS.values()]
+
+    default = row_probs(predict_folder(model_dir, challenge, tmp_path / "a.csv", probs=True, progress=False))
+    np.testing.assert_allclose(default, pipe_probs(tta="flips", aggregation="hard"), atol=1e-5)
+    told = predict_folder(
+        model_dir, challenge, tmp_path / "b.csv", probs=True, tta="none", aggregation="soft", progress=False
+    )
+    np.testing.assert_allclose(row_probs(told), pipe_probs(tta="none", aggregation="soft"), atol=1e-5)
+    assert not np.allclose(row_probs(told), default, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown TTA"):
+        predict_folder(model_dir, challenge, tmp_path / "c.csv", tta="rot90", progress=False)
 
 
 def test_predict_unlabelled_class_free_folder_and_bad_mask(vit_dir, tmp_path):
@@ -142,6 +169,34 @@ def test_explain_folder_writes_one_png_per_image(family, method, challenge, tmp_
             assert pixels.std() > 10  # a real figure, not a blank canvas
     assert used == [method, method]
     assert not list((tmp_path / "explain").glob(".*"))  # atomic writes leave no temporary files
+
+
+def test_explain_image_explains_the_top_patch_of_the_predicted_class(tmp_path, monkeypatch):
+    import hf_histo.inference.explain as explain
+
+    engine = InferenceEngine(tiny_model("vit"), make_image_processor(32), tta="flips")
+    rng = np.random.default_rng(3)
+    image = rng.integers(60, 220, size=(80, 96, 3), dtype=np.uint8)
+    mask = np.zeros((80, 96), dtype=bool)
+    mask[5:75, 10:90] = True
+    seen = []
+    original = explain.patch_saliency
+
+    def spy(model, pixel_values, target, method="auto"):
+        seen.append((pixel_values, target))
+        return original(model, pixel_values, target, method)
+
+    monkeypatch.setattr(explain, "patch_saliency", spy)
+    path = explain_image(engine, image, mask, out_path=tmp_path / "x.png", true_label="Luminal A")
+    assert path == tmp_path / "x.png" and path.stat().st_size > 10_000
+    expected = engine.predict(image, mask)
+    target = int(np.argmax(expected.probs))
+    top = int(np.argmax(expected.patch_probs[:, target]))
+    assert len(expected.boxes) > 1 and expected.tta == "flips"
+    ((pixels, used_target),) = seen
+    assert used_target == target
+    patched = engine.patch(engine.decode(image), mask)
+    torch.testing.assert_close(pixels, engine.preprocess(engine.crops(patched, [top])))
 
 
 def test_explain_works_for_a_resnet_and_unlabelled_images(tmp_path):

@@ -105,7 +105,7 @@ def assert_demo_outputs(summary: dict) -> None:
     assert {row["label"] for row in rows} <= set(labels)
     metrics = json.loads(paths["test_metrics"].read_text(encoding="utf-8"))
     assert 0.0 <= summary["image_macro_f1"] <= 1.0
-    assert metrics["image"]["macro_f1"] == pytest.approx(summary["image_macro_f1"])
+    assert metrics["metrics"]["macro_f1"] == pytest.approx(summary["image_macro_f1"])
     assert isinstance(summary["val_image_macro_f1"], float)
     assert len(list(paths["explain"].glob("*.png"))) >= 1 and len(list(paths["inspection"].glob("*.png"))) >= 1
     assert summary["wall_time_s"] > 0

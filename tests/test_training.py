@@ -9,20 +9,24 @@ import torch
 from transformers import AutoModelForImageClassification, EvalPrediction, TrainerCallback
 
 from hf_histo.data.builder import load_patch_dataset
+from hf_histo.data.patching import PatchingConfig
 from hf_histo.data.synthetic import make_synthetic_dataset
 from hf_histo.data.transforms import PatchCollator
+from hf_histo.inference.evaluate import evaluate_model
+from hf_histo.inference.metrics import classification_metrics
+from hf_histo.inference.results import ImageLevelResult
+from hf_histo.models.aggregation import aggregate_by_image
+from hf_histo.models.ensemble import FoldEnsemble
 from hf_histo.training.arguments import DataArguments, HistoTrainingArguments, ModelArguments, parse_args
-from hf_histo.training.callbacks import ParamDigestCallback, ProgressiveUnfreezeCallback
-from hf_histo.training.cross_validation import FoldEnsemble, summarize_folds
-from hf_histo.training.evaluate import evaluate_model
-from hf_histo.training.metrics import image_level_metrics
+from hf_histo.training.callbacks import ProgressiveUnfreezeCallback
+from hf_histo.training.cross_validation import summarize_folds
+from hf_histo.training.finalize import finalize_run
+from hf_histo.training.metrics import ImageLevelMetrics
 from hf_histo.training.run import build_model, with_patch_transforms
 from hf_histo.training.trainer import (
     BalancedSampler,
     HistoTrainer,
-    ImageLevelMetrics,
     build_training_loss,
-    finalize_run,
 )
 
 METRIC_KEYS = {"macro_f1", "balanced_accuracy", "accuracy", "auroc", "kappa", "per_class_f1"}
@@ -33,9 +37,8 @@ def tiny(tmp_path_factory):
     """12 synthetic images of ~200 px cut into 64 px tiles: (data_dir, DatasetDict, cache_dir)."""
     root = tmp_path_factory.mktemp("tiny_training")
     data_dir = make_synthetic_dataset(root / "data", n_train=12, n_test=2, size_range=(160, 224), seed=0)
-    data = load_patch_dataset(
-        data_dir, strategy="grid", patch_size=64, min_foreground=200, val_fraction=0.34, cache_dir=root / "cache"
-    )
+    patching = PatchingConfig(strategy="grid", patch_size=64, min_foreground=200)
+    data = load_patch_dataset(data_dir, patching, val_fraction=0.34, cache_dir=root / "cache")
     return data_dir, data, root / "cache"
 
 
@@ -166,6 +169,8 @@ def test_gated_blocks_train_exactly_like_frozen_ones(tiny, tmp_path):
 
 
 def test_blocks_unfreeze_at_their_epoch_and_then_train(tiny, tmp_path):
+    from digests import ParamDigestCallback
+
     digests = ParamDigestCallback(str(tmp_path / "digests"))
     trainer = _trainer(
         tiny,
@@ -218,6 +223,7 @@ def test_streaming_metrics_match_the_batch_metrics():
     ids = [f"img{i // 5}" for i in range(40)]
     labels = np.array([int(i[3:]) % 3 for i in ids])
     logits = rng.normal(size=(40, 3)) + np.eye(3)[labels] * 1.5
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     foreground = rng.uniform(0.1, 1.0, 40)
     ds = __import__("datasets").Dataset.from_dict({"image_id": ids, "foreground": foreground})
     for aggregation in ("soft", "hard", "mask_weighted"):
@@ -227,14 +233,17 @@ def test_streaming_metrics_match_the_batch_metrics():
         for start in range(0, 40, 16):
             stop = min(start + 16, 40)
             pred = EvalPrediction(
-                predictions=torch.tensor(logits[start:stop]), label_ids=torch.tensor(labels[start:stop])
+                predictions=torch.tensor(probs[start:stop]), label_ids=torch.tensor(labels[start:stop])
             )
             out = metrics(pred, compute_result=stop == 40)
-        probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-        expected = image_level_metrics(ids, probs, labels, ["a", "b", "c"], aggregation, foreground)
-        assert out["image_macro_f1"] == pytest.approx(expected["macro_f1"])
+        weights = foreground if aggregation == "mask_weighted" else None
+        image_ids, image_probs = aggregate_by_image(ids, probs, aggregation, weights)
+        expected = classification_metrics([int(i[3:]) % 3 for i in image_ids], image_probs, ["a", "b", "c"])
+        for key in ("macro_f1", "accuracy", "balanced_accuracy", "auroc"):
+            assert out[f"image_{key}"] == pytest.approx(expected[key]), (aggregation, key)
         assert out["image_n"] == 8 and out["patch_n"] == 40
-        assert metrics.last["image"]["confusion_matrix"] == expected["confusion_matrix"]
+        patch = classification_metrics(labels, probs, ["a", "b", "c"])
+        assert out["patch_macro_f1"] == pytest.approx(patch["macro_f1"])
 
 
 # ---- end to end ------------------------------------------------------------------------------------------------
@@ -244,25 +253,31 @@ def test_train_finalize_and_evaluate(tiny, tmp_path):
     best = AutoModelForImageClassification.from_pretrained(trainer.state.best_model_checkpoint)
     for (name, a), b in zip(trainer.model.named_parameters(), best.parameters()):
         assert torch.equal(a, b), f"load_best_model_at_end did not restore {name}"
-    payload = finalize_run(trainer, run_info={"recipe": "test"})
+    data_args = DataArguments(data_dir=str(tiny[0]), patch_size=64)
+    result = finalize_run(trainer, tiny[1], data_args, run_info={"recipe": "test"})
     out = tmp_path / "run"
-    for name in ("metrics.json", "confusion_matrix.png", "training_curves.png", "image_predictions.json"):
+    for name in ("metrics.json", "splits.json", "confusion_matrix.png", "training_curves.png"):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
-    assert METRIC_KEYS <= set(metrics["image"]) and METRIC_KEYS <= set(metrics["patch"])
-    low, high = metrics["image_macro_f1_ci"]
-    assert 0 <= low <= metrics["image"]["macro_f1"] <= high <= 1
-    assert metrics["aggregation"] == "hard" and payload["run"] == {"recipe": "test"}
-    assert metrics["image"]["n"] == len(set(tiny[1]["validation"]["image_id"]))
+    assert METRIC_KEYS <= set(metrics["metrics"]) and METRIC_KEYS <= set(metrics["patch_metrics"])
+    low, high = metrics["ci"]["macro_f1"]
+    assert 0 <= low <= metrics["metrics"]["macro_f1"] <= high <= 1
+    assert metrics["aggregation"] == "hard" and metrics["tta"] == "flips" and metrics["run"] == {"recipe": "test"}
+    assert ImageLevelResult.load(out / "metrics.json") == result
+    validation = sorted(set(tiny[1]["validation"]["image_id"]))
+    assert sorted(result.image_ids) == validation == json.loads((out / "splits.json").read_text())["validation"]
     model = AutoModelForImageClassification.from_pretrained(out)
     assert model.config.patching["patch_size"] == 64 and model.config.aggregation == "hard"
+    assert model.config.tta == "flips"
     assert (out / "preprocessor_config.json").is_file()
 
-    result = evaluate_model(out, tiny[0], tmp_path / "eval.json", tta="flips")
-    assert METRIC_KEYS <= set(result["image"]) and METRIC_KEYS <= set(result["patch"])
-    n_labelled = sum(len(tiny[1][s]) for s in ("train", "validation"))
-    assert result["n_patches"] == n_labelled and result["n_images"] == 12
-    assert json.loads((tmp_path / "eval.json").read_text())["n_images"] == 12
+    evaluated = evaluate_model(out, tiny[0], tmp_path / "eval.json", progress=False)
+    assert METRIC_KEYS <= set(evaluated.metrics) and METRIC_KEYS <= set(evaluated.patch_metrics)
+    assert evaluated.n_images == 12 and evaluated.tta == "flips" and evaluated.aggregation == "hard"
+    assert json.loads((tmp_path / "eval.json").read_text())["image_ids"] == evaluated.image_ids
+    by_id = dict(zip(evaluated.image_ids, evaluated.probs_array))
+    for image_id, probs in zip(result.image_ids, result.probs_array):
+        np.testing.assert_allclose(by_id[image_id], probs, atol=1e-5)
 
 
 class _StopAfter(TrainerCallback):
@@ -318,11 +333,13 @@ def test_fold_summary_and_ensemble(tiny, tmp_path):
             load_best_model_at_end=False,
         )
         trainer.train()
-        finalize_run(trainer)
+        finalize_run(trainer, tiny[1], DataArguments(data_dir=str(tiny[0]), patch_size=64))
         dirs.append(tmp_path / f"fold_{fold}")
     # Both "folds" scored the same validation images here: summarize_folds must refuse the overlap.
     with pytest.raises(ValueError, match="already held out"):
         summarize_folds(dirs)
+    for fold_dir in dirs:  # finalize_run(save_model=True) wrote each fold's model and processor
+        assert (fold_dir / "config.json").is_file() and (fold_dir / "preprocessor_config.json").is_file()
     ensemble = FoldEnsemble.from_pretrained(tmp_path)
     assert len(ensemble.models) == 2
     x = torch.randn(3, 3, 32, 32)

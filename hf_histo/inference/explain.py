@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..data.patching import PatchBox, crop_patch
 from ..utils import atomic_savefig
-from .pipeline import HistoImageClassificationPipeline, load_pipeline
+from .engine import InferenceEngine
+from .loading import ModelSource, load_engine
 
 METHODS = ("auto", "rollout", "gradcam")
 DISPLAY_MAX_SIDE = 1024  # figures show the image at most this large (boxes are scaled with it)
@@ -187,7 +187,7 @@ def _patch_map(boxes: np.ndarray, values: np.ndarray, scale: float, size: tuple[
 
 
 def explain_image(
-    pipe: HistoImageClassificationPipeline,
+    engine: InferenceEngine,
     image: str | os.PathLike | Image.Image | np.ndarray,
     mask: str | os.PathLike | Image.Image | np.ndarray | None = None,
     *,
@@ -204,7 +204,7 @@ def explain_image(
     (ViT) or Grad-CAM (CNN) overlay.
 
     Args:
-        pipe: The histo pipeline of the model.
+        engine: The model's inference engine.
         image: Path, PIL image or array.
         mask: Its mask; None uses tissue detection, as the pipeline does.
         out_path: PNG to write (atomically).
@@ -221,18 +221,16 @@ def explain_image(
     from matplotlib.colors import Normalize
     from matplotlib.patches import Rectangle
 
-    inputs = pipe.preprocess({"image": image, "mask": mask})
-    pil, mask_arr, boxes = inputs["image"], inputs["mask"], inputs["boxes"]
-    outputs = pipe.forward(dict(inputs), patch_batch_size=batch_size)
-    config = pipe.model.config
-    result = pipe.postprocess(outputs, top_k=config.num_labels, return_patches=True)
-    predicted = result["predictions"][0]
-    target = int(config.label2id[predicted["label"]]) if config.label2id else 0
-    target_probs = outputs["probs"][:, target]
+    name = os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
+    patched = engine.patch(engine.decode(image), mask, name=name)
+    prediction = engine.prediction(patched, engine.patch_probs(patched, batch_size=batch_size))
+    pil, mask_arr, boxes = patched.image, patched.mask, patched.boxes
+    target = int(np.argmax(prediction.probs))
+    target_probs = prediction.patch_probs[:, target]
     top = int(np.argmax(target_probs))
-    paint = pipe.patching_config.paint_background
-    crop = crop_patch(pil, PatchBox(*map(int, boxes[top])), mask_arr, paint)
-    heat, method_used = patch_saliency(pipe.model, pipe.pixel_values([crop]), target, method)
+    (crop,) = engine.crops(patched, [top])
+    heat, method_used = patch_saliency(engine.model, engine.preprocess([crop]), target, method)
+    predicted = prediction.scores(1)[0]
 
     scale = min(1.0, DISPLAY_MAX_SIDE / max(pil.size))
     shown = pil if scale == 1.0 else pil.resize((round(pil.width * scale), round(pil.height * scale)), Image.BILINEAR)
@@ -247,7 +245,7 @@ def explain_image(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ax_image.contour(shown_mask.astype(np.float32), levels=[0.5], colors=["#00e000"], linewidths=1.2)
-    ax_image.set_title(f"image + mask outline ({result['mask_source']})", fontsize=10)
+    ax_image.set_title(f"image + mask outline ({prediction.mask_source})", fontsize=10)
 
     cmap, norm = colormaps[PATCH_CMAP], Normalize(0.0, 1.0)
     ax_patches.imshow(shown, alpha=0.45)
@@ -259,7 +257,9 @@ def explain_image(
     figure.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax_patches, fraction=0.046, pad=0.03).set_label(
         f"P({predicted['label']}) per patch"
     )
-    ax_patches.set_title(f"{len(boxes)} patches, {result['aggregation']} aggregation", fontsize=10)
+    ax_patches.set_title(
+        f"{len(boxes)} patches, {prediction.aggregation} aggregation, TTA {prediction.tta}", fontsize=10
+    )
 
     display = crop.resize((max(heat.shape[1], 224), max(heat.shape[0], 224)), Image.BILINEAR)
     ax_top.imshow(display)
@@ -274,15 +274,15 @@ def explain_image(
     headline = f"predicted {predicted['label']} ({predicted['score']:.2f})"
     if true_label is not None:
         headline += f", true {true_label}"
-    if result["fallback"]:
-        headline += f"  [fallback: {result['fallback']}]"
+    if prediction.fallback:
+        headline += f"  [fallback: {prediction.fallback}]"
     figure.suptitle(f"{title}: {headline}" if title else headline, fontsize=12)
     figure.tight_layout()
     return atomic_savefig(out_path, figure)
 
 
 def explain_folder(
-    model_dir: str | os.PathLike,
+    model_dir: ModelSource,
     data_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
@@ -290,7 +290,7 @@ def explain_folder(
     max_images: int | None = None,
     method: str = "auto",
     batch_size: int = 32,
-    device: int | str | None = None,
+    device: str | None = None,
     progress: bool = True,
 ) -> list[Path]:
     """Write one explanation PNG per image of a data folder (`hf-histo explain`).
@@ -311,20 +311,20 @@ def explain_folder(
     """
     from tqdm.auto import tqdm
 
-    from ..data.sources import load_image, read_samples
+    from ..data.sources import read_samples
 
     samples = read_samples(data_dir, layout=layout).samples
     if max_images is not None:
         samples = samples[: max(0, int(max_images))]
-    pipe = load_pipeline(model_dir, device=device, batch_size=batch_size)
+    engine = load_engine(model_dir, device=device, batch_size=batch_size)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for sample in tqdm(samples, desc="explain", unit="image", disable=not progress):
         paths.append(
             explain_image(
-                pipe,
-                load_image(sample.image_path),
+                engine,
+                sample.image_path,
                 sample.mask_path,
                 out_path=out_dir / f"{sample.image_id}.png",
                 title=sample.image_path.name,

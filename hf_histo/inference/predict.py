@@ -8,9 +8,9 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from ..data.sources import DataError, Sample, load_image, read_samples
+from ..data.sources import Sample, read_samples
 from ..utils import atomic_write_text
-from .pipeline import load_pipeline
+from .loading import ModelSource, load_engine
 
 SUBMISSION_COLUMNS = ("sample_index", "label")
 
@@ -32,7 +32,7 @@ def _sample_names(samples: list[Sample], root: Path) -> list[str]:
 
 
 def predict_folder(
-    model_dir: str | os.PathLike,
+    model_dir: ModelSource,
     data_dir: str | os.PathLike,
     out_csv: str | os.PathLike,
     *,
@@ -40,18 +40,19 @@ def predict_folder(
     probs: bool = False,
     batch_size: int = 32,
     aggregation: str | None = None,
-    tta: bool = False,
-    device: int | str | None = None,
+    tta: str | None = None,
+    device: str | None = None,
     progress: bool = True,
     resize_masks: bool = False,
 ) -> Path:
     """Classify every image of a folder and write the challenge's submission CSV.
 
     All images are predicted, labelled or not (train and test samples alike), each patched with its mask when the
-    data has one and with tissue detection otherwise, exactly as `pipeline("histo-image-classification")` does.
+    data has one and with tissue detection otherwise, by the inference engine `pipeline("histo-image-classification")`
+    runs on.
 
     Args:
-        model_dir: Checkpoint folder (or Hub id) saved by hf-histo.
+        model_dir: Checkpoint folder (or Hub id) saved by hf-histo, or a cross-validation root (fold ensemble).
         data_dir: Data folder in any layout `read_samples` knows, or a clean manifest CSV.
         out_csv: CSV to write (atomically): `sample_index,label`, one row per image in image-id order;
             `sample_index` is the image's file name as in the data.
@@ -59,8 +60,8 @@ def predict_folder(
         probs: Add one probability column per class, named by the label, in the model's class order.
         batch_size: Patches per forward pass.
         aggregation: `"soft"`, `"hard"` or `"mask_weighted"`; the model config's choice when None.
-        tta: Average each patch over flips and 90-degree rotations.
-        device: Torch device or index (e.g. `"cuda"`); the default device when None.
+        tta: `"none"`, `"flips"` or `"d4"` views averaged per patch; the model config's choice when None.
+        device: Torch device (e.g. `"cuda"`); CUDA when available.
         progress: Show a progress bar.
         resize_masks: Resize masks whose size differs from their image instead of failing.
 
@@ -74,32 +75,20 @@ def predict_folder(
 
     sample_set = read_samples(data_dir, layout=layout)
     samples = sample_set.samples
-    pipe = load_pipeline(model_dir, device=device, batch_size=batch_size)
-    config = pipe.model.config
-    labels = [config.id2label[i] for i in range(config.num_labels)]
+    engine = load_engine(model_dir, device=device, batch_size=batch_size, aggregation=aggregation, tta=tta)
+    labels = engine.labels
     names = _sample_names(samples, sample_set.root)
 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow([*SUBMISSION_COLUMNS, *(labels if probs else [])])
-    for name, sample in zip(tqdm(names, desc="predict", unit="image", disable=not progress), samples):
-        try:
-            result = pipe(
-                load_image(sample.image_path),
-                mask=sample.mask_path,
-                aggregation=aggregation,
-                tta=tta,
-                top_k=len(labels),
-                return_patches=True,
-                resize_mask=resize_masks,
-            )
-        except DataError:
-            raise
-        except ValueError as error:  # mask/image problems from the shipped code: name the file
-            raise DataError(f"{sample.image_path}: {error}") from error
-        scores = {entry["label"]: entry["score"] for entry in result["predictions"]}
-        row = [name, result["predictions"][0]["label"]]
+    items = ((s.image_path, s.mask_path, s.image_id) for s in samples)
+    predictions = engine.predict_many(items, resize_mask=resize_masks)
+    for name, prediction in zip(
+        names, tqdm(predictions, total=len(samples), desc="predict", unit="image", disable=not progress)
+    ):
+        row = [name, prediction.label]
         if probs:
-            row += [f"{scores[label]:.6f}" for label in labels]
+            row += [f"{p:.6f}" for p in prediction.probs]
         writer.writerow(row)
     return atomic_write_text(out_csv, buffer.getvalue())

@@ -7,13 +7,14 @@ from typing import Any
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+from .aggregation import AGGREGATIONS
 from .backbones import POOLINGS, get_backbone_spec
 
 # Ships with checkpoints: imports only stdlib/transformers and sibling modules, relatively.
 
 HEADS = ("linear", "mlp", "deep")
 FREEZE_POLICIES = ("none", "backbone", "backbone_except_norm", "last_n")
-AGGREGATIONS = ("soft", "hard", "mask_weighted")
+TTA_MODES = ("none", "flips", "d4")  # test-time augmentation views: identity; + h/v flips; the 8 flips and turns
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -40,6 +41,8 @@ class HistoClassifierConfig(PretrainedConfig):
         backbone_name: Hub id or table name the backbone weights came from.
         patching: Patching parameters used at training time (`PatchingConfig.to_dict()`), read by the pipeline.
         aggregation: How patch predictions become one image prediction: `"soft"`, `"hard"` or `"mask_weighted"`.
+        tta: Test-time augmentation averaged per patch: `"none"`, `"flips"` or `"d4"`. Training records the one
+            its reported figures used; every inference entry point uses it by default.
         initializer_range: Std of the normal init of the head's Linear layers.
         **kwargs: `num_labels`, `id2label`, `label2id` and the other `PretrainedConfig` arguments.
     """
@@ -61,6 +64,7 @@ class HistoClassifierConfig(PretrainedConfig):
         backbone_name: str | None = None,
         patching: dict | None = None,
         aggregation: str = "soft",
+        tta: str = "none",
         initializer_range: float = 0.02,
         **kwargs,
     ):
@@ -83,6 +87,7 @@ class HistoClassifierConfig(PretrainedConfig):
         _choice("head", head, HEADS)
         _choice("freeze", freeze, FREEZE_POLICIES)
         _choice("aggregation", aggregation, AGGREGATIONS)
+        _choice("tta", tta, TTA_MODES)
         spec = get_backbone_spec(backbone_config)
         if pooling is None:
             pooling = spec.pooling
@@ -128,6 +133,7 @@ class HistoClassifierConfig(PretrainedConfig):
         self.backbone_name = backbone_name
         self.patching = patching
         self.aggregation = aggregation
+        self.tta = tta
         self.initializer_range = initializer_range
         super().__init__(**kwargs)
         if self.id2label is not None and not self.label2id:  # transformers 5 no longer derives it

@@ -11,12 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
-from transformers.modeling_outputs import ImageClassifierOutput
 
+from ..inference.metrics import METRIC_KEYS
+from ..inference.plots import plot_confusion_matrix
+from ..inference.results import ImageLevelResult
 from ..utils import atomic_write_text
-from .metrics import METRIC_KEYS, classification_metrics, plot_confusion_matrix
 
 logger = logging.getLogger(__name__)
 
@@ -39,74 +38,72 @@ def _fold_args(
     return fold_data, fold_training
 
 
-def read_fold_predictions(fold_dir: str | Path) -> dict[str, Any]:
-    """Read the `image_predictions.json` that `finalize_run` wrote in a fold's output folder."""
-    path = Path(fold_dir) / "image_predictions.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: the fold did not finish (finalize_run writes it)")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
 def summarize_folds(fold_dirs: Sequence[str | Path], out_dir: str | Path | None = None) -> dict[str, Any]:
     """Combine finished folds: per-fold image metrics, mean ± std, and out-of-fold (OOF) metrics.
 
     Args:
-        fold_dirs: Output folders of the folds (each with `metrics.json` and `image_predictions.json`).
+        fold_dirs: Output folders of the folds (each with the `metrics.json` that `finalize_run` wrote).
         out_dir: Where to write `cv_metrics.json`, `oof_image_predictions.csv` and `oof_confusion_matrix.png`.
 
     Returns:
-        `{"n_folds", "folds": [...], "mean": {...}, "std": {...}, "oof": {"image": ...}, "image_macro_f1": "m ± s"}`;
-        `std` is the sample standard deviation over folds (ddof=1).
+        `{"n_folds", "folds": [...], "mean": {...}, "std": {...}, "oof": ImageLevelResult.to_dict(),
+        "image_macro_f1": "m ± s"}`; `std` is the sample standard deviation over folds (ddof=1).
     """
-    folds, ids, y_true, probs = [], [], [], []
-    labels = None
+    results = []
     for k, fold_dir in enumerate(fold_dirs):
-        fold_dir = Path(fold_dir)
-        metrics = json.loads((fold_dir / "metrics.json").read_text(encoding="utf-8"))
-        preds = read_fold_predictions(fold_dir)
-        if labels is None:
-            labels = preds["labels"]
-        elif preds["labels"] != labels:
-            raise ValueError(f"fold {k} has labels {preds['labels']}, fold 0 has {labels}")
-        folds.append({"fold": k, "dir": str(fold_dir), "image": metrics["image"], "patch": metrics["patch"]})
-        overlap = set(ids) & set(preds["image_ids"])
+        path = Path(fold_dir) / "metrics.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: the fold did not finish (finalize_run writes it)")
+        result = ImageLevelResult.load(path)
+        if results and result.labels != results[0].labels:
+            raise ValueError(f"fold {k} has labels {result.labels}, fold 0 has {results[0].labels}")
+        seen = {i for r in results for i in r.image_ids}
+        overlap = seen & set(result.image_ids)
         if overlap:
             raise ValueError(f"fold {k} evaluates images already held out by another fold: {sorted(overlap)[:5]}")
-        ids += preds["image_ids"]
-        y_true += preds["image_labels"]
-        probs += preds["image_probs"]
-    if labels is None:
+        results.append(result)
+    if not results:
         raise ValueError("no folds to summarize")
+    folds = [
+        {"fold": k, "dir": str(d), "image": r.metrics, "patch": r.patch_metrics}
+        for k, (d, r) in enumerate(zip(fold_dirs, results))
+    ]
     keys = [k for k in METRIC_KEYS if all(f["image"].get(k) is not None for f in folds)]
     values = {k: np.array([f["image"][k] for f in folds], dtype=np.float64) for k in keys}
     mean = {k: float(v.mean()) for k, v in values.items()}
     std = {k: float(v.std(ddof=1)) if v.size > 1 else 0.0 for k, v in values.items()}
-    y = np.asarray(y_true, dtype=np.int64)
-    p = np.asarray(probs, dtype=np.float64)
-    keep = y >= 0
-    oof = classification_metrics(y[keep], p[keep], labels)
+    first = results[0]
+    oof = ImageLevelResult.from_predictions(
+        first.labels,
+        [i for r in results for i in r.image_ids],
+        [y for r in results for y in r.y_true],
+        np.concatenate([r.probs_array for r in results]),
+        aggregation=first.aggregation,
+        tta=first.tta,
+        split="out_of_fold",
+    )
     summary = {
         "n_folds": len(folds),
-        "labels": labels,
+        "labels": first.labels,
         "image_macro_f1": f"{mean.get('macro_f1', float('nan')):.4f} ± {std.get('macro_f1', float('nan')):.4f}",
         "mean": mean,
         "std": std,
-        "oof": {"image": oof},
+        "oof": oof.to_dict(),
         "folds": folds,
     }
     if out_dir is not None:
         out_dir = Path(out_dir)
         atomic_write_text(out_dir / "cv_metrics.json", json.dumps(summary, indent=2) + "\n")
-        rows = ["image_id,label," + ",".join(f"p_{name}" for name in labels)]
-        for image_id, label, row in zip(ids, y_true, probs):
-            name = labels[label] if label >= 0 else ""
+        rows = ["image_id,label," + ",".join(f"p_{name}" for name in oof.labels)]
+        for image_id, label, row in zip(oof.image_ids, oof.y_true, oof.probs):
+            name = oof.labels[label] if label >= 0 else ""
             rows.append(f"{image_id},{name}," + ",".join(f"{v:.6f}" for v in row))
         atomic_write_text(out_dir / "oof_image_predictions.csv", "\n".join(rows) + "\n")
         plot_confusion_matrix(
-            oof["confusion_matrix"],
-            labels,
+            oof.metrics["confusion_matrix"],
+            oof.labels,
             out_dir / "oof_confusion_matrix.png",
-            title=f"out-of-fold images, macro-F1 {oof['macro_f1']:.3f}",
+            title=f"out-of-fold images, macro-F1 {oof.metrics['macro_f1']:.3f}",
         )
     return summary
 
@@ -124,7 +121,7 @@ def run_cross_validation(
 
     Each fold trains into `output_dir/fold_k` on the images outside fold `k` (groups, e.g. patients, never
     straddle folds: the split is done by `load_patch_dataset(n_folds=, fold=)`) and is evaluated on fold `k`.
-    The fold models together form an ensemble (`FoldEnsemble.from_pretrained(output_dir)`).
+    The fold models together form an ensemble (`hf-histo evaluate|predict --model output_dir`).
 
     Args:
         train_fn: The recipe's `main`.
@@ -159,58 +156,6 @@ def run_cross_validation(
         logger.info(
             "cross-validation image macro-F1: %s (OOF %.4f)",
             summary["image_macro_f1"],
-            summary["oof"]["image"]["macro_f1"],
+            summary["oof"]["metrics"]["macro_f1"],
         )
     return summary
-
-
-class FoldEnsemble(nn.Module):
-    """Average the softmax of several fold models (same labels and patching): one model to the outside.
-
-    `forward(pixel_values)` returns `ImageClassifierOutput(logits=log(mean probabilities))`, so softmax of the
-    logits is the ensemble probability and argmax the ensemble class.
-
-    Args:
-        models: The fold classifiers.
-    """
-
-    main_input_name = "pixel_values"
-
-    def __init__(self, models: Sequence[nn.Module]):
-        super().__init__()
-        if not models:
-            raise ValueError("FoldEnsemble needs at least one model")
-        first = models[0].config
-        for k, model in enumerate(models[1:], start=1):
-            if dict(model.config.id2label) != dict(first.id2label):
-                raise ValueError(f"model {k} has labels {model.config.id2label}, model 0 has {first.id2label}")
-            if getattr(model.config, "patching", None) != getattr(first, "patching", None):
-                raise ValueError(
-                    f"model {k} was trained on other patches ({model.config.patching} vs {first.patching})"
-                )
-        self.models = nn.ModuleList(models)
-        self.config = first
-
-    @classmethod
-    def from_pretrained(cls, paths: str | Path | Sequence[str | Path], **kwargs) -> FoldEnsemble:
-        """Load fold models from folders; a CV root folder expands to its `fold_*` subfolders."""
-        from transformers import AutoModelForImageClassification
-
-        import hf_histo.models  # noqa: F401  (registers the Auto classes)
-
-        if isinstance(paths, (str, Path)):
-            root = Path(paths)
-            fold_dirs = sorted(p for p in root.glob("fold_*") if (p / "config.json").is_file())
-            paths = fold_dirs or [root]
-        models = [AutoModelForImageClassification.from_pretrained(str(p), **kwargs).eval() for p in paths]
-        return cls(models)
-
-    def forward(
-        self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs
-    ) -> ImageClassifierOutput:
-        """Ensemble log-probabilities."""
-        probs = None
-        for model in self.models:
-            p = torch.softmax(model(pixel_values=pixel_values).logits.float(), dim=-1)
-            probs = p if probs is None else probs + p
-        return ImageClassifierOutput(logits=(probs / len(self.models)).clamp_min(1e-12).log())

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
-import os
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,27 +13,13 @@ import torch
 from torch import nn
 from transformers import EarlyStoppingCallback, PreTrainedModel, Trainer, TrainerCallback
 
-from ..data.transforms import tta_views
-from ..utils import atomic_write_text
-from .callbacks import ParamDigestCallback, ProgressiveUnfreezeCallback, drop_gated_gradients, gated_parameters
+from ..inference.engine import patch_probabilities
+from .callbacks import ProgressiveUnfreezeCallback, drop_gated_gradients, gated_parameters
 from .losses import build_loss, class_weights_from_counts
-from .metrics import (
-    METRIC_KEYS,
-    PatchPredictionAccumulator,
-    bootstrap_ci,
-    plot_confusion_matrix,
-    plot_training_curves,
-)
+from .metrics import ImageLevelMetrics, dataset_column
 from .param_groups import build_param_groups, create_optimizer, describe_param_groups
 
 logger = logging.getLogger(__name__)
-
-
-def dataset_column(dataset: Any, name: str) -> list | None:
-    """A column of a (possibly `with_transform`-formatted) `datasets.Dataset`, raw; None when absent."""
-    if dataset is None or name not in getattr(dataset, "column_names", ()):
-        return None
-    return list(dataset.with_format(None)[name])
 
 
 def label_names(model: nn.Module) -> list[str]:
@@ -47,87 +30,6 @@ def label_names(model: nn.Module) -> list[str]:
     if not id2label:
         raise ValueError("the model config has no id2label: build it with id2label (class names)")
     return [str(id2label[i]) for i in sorted(int(k) for k in id2label)]
-
-
-class ImageLevelMetrics:
-    """Streaming `compute_metrics` for `Trainer(batch_eval_metrics=True)`: patch and image-level metrics.
-
-    Patch probabilities are folded batch by batch into a `PatchPredictionAccumulator` (per-image running sums),
-    so evaluation over tens of thousands of patches holds `O(images x classes)` plus one float32 row per patch.
-    Predictions arrive in dataset order (Trainer's eval loader does not shuffle; under DDP they are gathered in
-    order and the padding is dropped), so the `i`-th prediction belongs to the `i`-th row's `image_id`.
-    `HistoTrainer` calls `start(dataset)` before each evaluation.
-
-    Args:
-        labels: Class names in index order.
-        aggregation: Patch-to-image voting: `"soft"`, `"hard"` or `"mask_weighted"` (weights: `foreground`).
-    """
-
-    def __init__(self, labels: Sequence[str], aggregation: str = "soft"):
-        self.labels = list(labels)
-        self.aggregation = aggregation
-        self.last: dict[str, Any] | None = None
-        self._image_ids: list[str] | None = None
-        self._foreground: np.ndarray | None = None
-        self._reset()
-
-    def _reset(self) -> None:
-        self._acc = PatchPredictionAccumulator(len(self.labels))
-        self._offset = 0
-        self._image_label: dict[str, int] = {}
-
-    def start(self, dataset: Any) -> None:
-        """Bind the rows of the dataset about to be evaluated (reads its `image_id` and `foreground` columns)."""
-        self._reset()
-        ids = dataset_column(dataset, "image_id")
-        self._image_ids = None if ids is None else [str(i) for i in ids]
-        fg = dataset_column(dataset, "foreground")
-        self._foreground = None if fg is None else np.asarray(fg, dtype=np.float64)
-
-    def __call__(self, eval_prediction: Any, compute_result: bool = True) -> dict[str, float]:
-        """Add a batch of predictions; on the last batch return flat metrics (`image_macro_f1`, `patch_auroc`...)."""
-        logits = eval_prediction.predictions
-        if isinstance(logits, (tuple, list)):
-            logits = logits[0]
-        logits = torch.as_tensor(logits).detach().float().cpu()
-        labels = torch.as_tensor(eval_prediction.label_ids).detach().cpu().reshape(-1).numpy().astype(np.int64)
-        probs = torch.softmax(logits, dim=-1).numpy()
-        n = probs.shape[0]
-        start, stop = self._offset, self._offset + n
-        if self._image_ids is None:  # no image ids: every patch is its own image
-            ids = [f"row{i}" for i in range(start, stop)]
-        else:
-            if stop > len(self._image_ids):
-                raise ValueError(
-                    f"got predictions for rows {start}..{stop - 1} but the eval dataset has {len(self._image_ids)} "
-                    "rows: evaluate the dataset bound with start(), unshuffled"
-                )
-            ids = self._image_ids[start:stop]
-        weights = None if self._foreground is None else self._foreground[start:stop]
-        self._acc.add(ids, probs, labels, weights)
-        for image_id, label in zip(ids, labels.tolist()):
-            self._image_label.setdefault(image_id, label)
-        self._offset = stop
-        if not compute_result:
-            return {}
-        aggregation = (
-            self.aggregation if (self._foreground is not None or self.aggregation != "mask_weighted") else "soft"
-        )
-        result = self._acc.compute(self.labels, aggregation)
-        ids, image_probs = self._acc.image_probs(aggregation)
-        result["image_ids"] = ids
-        result["image_probs"] = image_probs
-        result["image_labels"] = np.array([self._image_label[i] for i in ids], dtype=np.int64)
-        result["aggregation"] = aggregation
-        self.last = result
-        flat: dict[str, float] = {}
-        for level in ("image", "patch"):
-            for key in METRIC_KEYS:
-                value = result[level][key]
-                flat[f"{level}_{key}"] = float("nan") if value is None else float(value)
-            flat[f"{level}_n"] = float(result[level]["n"])
-        self._reset()
-        return flat
 
 
 class BalancedSampler(torch.utils.data.Sampler[int]):
@@ -227,8 +129,6 @@ class HistoTrainer(Trainer):
         if training_args is not None and getattr(training_args, "early_stopping_patience", None):
             if not any(isinstance(c, EarlyStoppingCallback) for c in callbacks):
                 callbacks.append(EarlyStoppingCallback(training_args.early_stopping_patience))
-        if os.environ.get("HF_HISTO_DEBUG_PARAM_DIGEST"):
-            callbacks.append(ParamDigestCallback(os.environ["HF_HISTO_DEBUG_PARAM_DIGEST"]))
         kwargs["callbacks"] = callbacks
         super().__init__(*args, **kwargs)
         if loss_fn is None:
@@ -337,23 +237,23 @@ class HistoTrainer(Trainer):
         return super().evaluation_loop(dataloader, *args, **kwargs)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """With `--tta flips|d4`, average softmax over flipped/rotated views (returned as log-probabilities)."""
-        tta = getattr(self.args, "tta", "none")
-        if tta == "none" or "pixel_values" not in inputs:
-            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        """Patch probabilities for `ImageLevelMetrics`: softmax averaged over the `--tta` views (pixel inputs).
+
+        Pixel batches go through `hf_histo.inference.engine.patch_probabilities`, the function the pipeline runs;
+        other inputs (cached embeddings) through the model, whose logits are softmaxed. The loss is the loss
+        function on the log-probabilities (equal to it on the logits without TTA).
+        """
         inputs = self._prepare_inputs(inputs)
         labels = inputs.get("labels")
         with torch.no_grad(), self.compute_loss_context_manager():
-            probs = None
-            views = tta_views(inputs["pixel_values"], tta)
-            for view in views:
-                outputs = model(pixel_values=view)
+            if "pixel_values" in inputs:
+                probs = patch_probabilities(model, inputs["pixel_values"], getattr(self.args, "tta", "none"))
+            else:
+                outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
                 logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-                p = torch.softmax(logits.float(), dim=-1)
-                probs = p if probs is None else probs + p
-            log_probs = (probs / len(views)).clamp_min(1e-12).log()
-            loss = self.loss_fn(log_probs, labels).detach() if labels is not None else None
-        return (loss, None if prediction_loss_only else log_probs, labels)
+                probs = logits.float().softmax(dim=-1)
+            loss = self.loss_fn(probs.clamp_min(1e-12).log(), labels).detach() if labels is not None else None
+        return (loss, None if prediction_loss_only else probs, labels)
 
 
 def _augmentation_seed(dataset: Any) -> Any:
@@ -382,21 +282,6 @@ def _base(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, (np.floating, float)):
-        value = float(value)
-        return None if np.isnan(value) else value
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
 def final_model(trainer: Trainer) -> nn.Module:
     """The plain classifier to save: unwrapped from DDP, out of a `HeadOnlyModel`, LoRA merged."""
     model = trainer.accelerator.unwrap_model(trainer.model)
@@ -406,90 +291,3 @@ def final_model(trainer: Trainer) -> nn.Module:
 
         model = merge_lora(model)
     return model
-
-
-def finalize_run(
-    trainer: Trainer,
-    eval_dataset: Any = None,
-    output_dir: str | Path | None = None,
-    run_info: dict[str, Any] | None = None,
-    save_model: bool = True,
-) -> dict[str, Any]:
-    """Evaluate the final (best) model and write the run's artefacts to `output_dir`.
-
-    Writes `metrics.json` (`{"image": {...}, "patch": {...}}` with `macro_f1`, `balanced_accuracy`, `accuracy`,
-    `auroc`, `kappa`, `per_class_f1`, `confusion_matrix`, plus `image_macro_f1_ci`, the bootstrap 95% CI),
-    `confusion_matrix.png` (image level), `training_curves.png`, `image_predictions.json` (per-image
-    probabilities, used by cross-validation) and the model (LoRA merged, config with patching, aggregation and
-    labels) with its image processor.
-
-    Args:
-        trainer: A trained `HistoTrainer`.
-        eval_dataset: Dataset to score (default: the trainer's eval dataset).
-        output_dir: Where to write (default: `trainer.args.output_dir`).
-        run_info: Extra JSON-able facts stored under `"run"` (recipe name, data and model arguments).
-        save_model: Save the model and processor.
-
-    Returns:
-        The content of `metrics.json`.
-    """
-    output_dir = Path(output_dir or trainer.args.output_dir)
-    metrics_fn = trainer.compute_metrics
-    if not isinstance(metrics_fn, ImageLevelMetrics):
-        raise ValueError("finalize_run needs a HistoTrainer with ImageLevelMetrics as compute_metrics")
-    eval_metrics = trainer.evaluate(eval_dataset)
-    result = metrics_fn.last
-    if result is None:
-        raise ValueError("the evaluation produced no predictions (empty eval dataset?)")
-    labels = metrics_fn.labels
-    y_true = result["image_labels"]
-    keep = y_true >= 0
-    y_pred = np.asarray(result["image_probs"]).argmax(axis=1)
-    args = trainer.args
-    ci = (
-        bootstrap_ci(y_true[keep], y_pred[keep], "macro_f1", n_boot=getattr(args, "n_bootstrap", 1000), seed=args.seed)
-        if keep.any()
-        else (None, None)
-    )
-    image = dict(result["image"])
-    image["macro_f1_ci"] = list(ci)
-    payload = {
-        "image": image,
-        "patch": result["patch"],
-        "image_macro_f1_ci": list(ci),
-        "aggregation": result["aggregation"],
-        "labels": labels,
-        "eval_loss": eval_metrics.get("eval_loss"),
-        "best_checkpoint": trainer.state.best_model_checkpoint,
-        "global_step": trainer.state.global_step,
-        "epoch": trainer.state.epoch,
-        "run": run_info or {},
-    }
-    payload = _jsonable(payload)
-    predictions = _jsonable(
-        {
-            "labels": labels,
-            "aggregation": result["aggregation"],
-            "image_ids": result["image_ids"],
-            "image_labels": y_true,
-            "image_probs": result["image_probs"],
-        }
-    )
-    model = final_model(trainer) if save_model else None
-    if trainer.is_world_process_zero():
-        output_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(output_dir / "metrics.json", json.dumps(payload, indent=2) + "\n")
-        atomic_write_text(output_dir / "image_predictions.json", json.dumps(predictions) + "\n")
-        plot_confusion_matrix(
-            image["confusion_matrix"],
-            labels,
-            output_dir / "confusion_matrix.png",
-            title=f"image level ({result['aggregation']} voting), macro-F1 {image['macro_f1']:.3f}",
-        )
-        plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
-        if model is not None:
-            model.save_pretrained(output_dir)
-            if trainer.processing_class is not None:
-                trainer.processing_class.save_pretrained(output_dir)
-    trainer.accelerator.wait_for_everyone()
-    return payload

@@ -1,0 +1,306 @@
+"""The one path from pixels to an image label: decode -> patch boxes -> batched TTA forward -> aggregation."""
+
+# Ships with checkpoints (the pipeline runs on it): stdlib, numpy, PIL, torch, transformers and siblings, relatively.
+# The pipeline, `hf-histo predict|evaluate|explain` and the end-of-training evaluation all run this code, so the
+# figure a run reports is the figure the shipped pipeline reproduces.
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..data.images import load_rgb
+from ..data.masks import resolve_mask
+from ..data.patching import PatchBox, PatchingConfig, crop_patch
+from ..models.aggregation import AGGREGATIONS, aggregate
+from ..models.configuration_histo import TTA_MODES
+
+DEFAULT_BATCH_SIZE = 32
+
+# Values of `ImagePrediction.fallback` (None when the image was patched normally).
+FALLBACK_BEST_TILE = "best_tile"  # no patch passed the strategy's filters: the best single tile (as in training)
+MASK_FALLBACKS = ("empty_mask_tissue", "empty_mask_whole", "whole")  # resolve_mask sources other than a real mask
+
+
+def check_tta(mode: str) -> str:
+    """Return ``mode`` if it is a TTA name (``none``, ``flips``, ``d4``); raise a clear error otherwise."""
+    if mode not in TTA_MODES:
+        raise ValueError(f"unknown TTA {mode!r}; choose one of {list(TTA_MODES)}")
+    return mode
+
+
+def check_aggregation(method: str) -> str:
+    """Return ``method`` if it is an aggregation name; raise a clear error otherwise."""
+    if method not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {method!r}; choose one of {list(AGGREGATIONS)}")
+    return method
+
+
+def tta_views(pixel_values: torch.Tensor, mode: str = "none") -> list[torch.Tensor]:
+    """Test-time augmentation views of a ``[B, C, H, W]`` batch, the identity first.
+
+    ``"none"``: the batch itself; ``"flips"``: identity, horizontal and vertical flips; ``"d4"``: the 8 flips and
+    quarter turns (square inputs only: every backbone input here is square).
+    """
+    check_tta(mode)
+    if mode == "none":
+        return [pixel_values]
+    if mode == "flips":
+        return [pixel_values, pixel_values.flip(-1), pixel_values.flip(-2)]
+    turns = [torch.rot90(pixel_values, k, dims=(-2, -1)) for k in range(4)]
+    return turns + [t.flip(-1) for t in turns]
+
+
+def patch_probabilities(model: torch.nn.Module, pixel_values: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """Class probabilities ``[B, C]`` (float32) of processed patches: softmax averaged over the TTA views.
+
+    All views go through the model in one forward pass. The caller puts the model in eval mode.
+    """
+    views = tta_views(pixel_values, tta)
+    with torch.no_grad():
+        outputs = model(pixel_values=torch.cat(views) if len(views) > 1 else views[0])
+    logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+    probs = logits.float().softmax(dim=-1)
+    return probs.view(len(views), pixel_values.shape[0], -1).mean(dim=0)
+
+
+@dataclass
+class PatchedImage:
+    """An image after the decode and patch stages: what the forward stage crops from."""
+
+    image: Image.Image
+    mask: np.ndarray
+    boxes: np.ndarray  # [N, 5] int64: x, y, w, h, foreground pixels
+    mask_source: str
+    fallback: str | None
+
+
+@dataclass
+class ImagePrediction:
+    """The image-level prediction of one image, with the per-patch details it came from.
+
+    Attributes:
+        labels: Class names in index order.
+        probs: Image class probabilities ``[C]`` after aggregation.
+        patch_probs: Patch class probabilities ``[N, C]`` (softmax averaged over the TTA views).
+        boxes: ``[N, 5]`` int array: x, y, w, h and mask pixels of each patch.
+        mask_source: ``"mask"``, ``"tissue"`` (no mask given), ``"empty_mask_tissue"``, ``"empty_mask_whole"`` or
+            ``"whole"``.
+        fallback: None, or why the image was not patched normally (``"best_tile"`` or a mask fallback above).
+        aggregation: How the patches were aggregated.
+        tta: The TTA views averaged per patch.
+        image_id: The caller's name for the image, if any.
+    """
+
+    labels: list[str]
+    probs: np.ndarray
+    patch_probs: np.ndarray
+    boxes: np.ndarray
+    mask_source: str
+    fallback: str | None
+    aggregation: str
+    tta: str
+    image_id: str | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """The predicted class name."""
+        return self.labels[int(np.argmax(self.probs))]
+
+    @property
+    def foreground(self) -> np.ndarray:
+        """Mask fraction of each patch (mask pixels over the box area)."""
+        return self.boxes[:, 4] / np.maximum(self.boxes[:, 2] * self.boxes[:, 3], 1)
+
+    def scores(self, top_k: int | None = None) -> list[dict[str, Any]]:
+        """``[{"label", "score"}]`` sorted by score, the ``top_k`` best (all by default)."""
+        order = np.argsort(-self.probs, kind="stable")[: top_k or len(self.labels)]
+        return [{"label": self.labels[i], "score": float(self.probs[i])} for i in order]
+
+
+class InferenceEngine:
+    """Classify whole images with a patch classifier exactly as it was trained and evaluated.
+
+    Stages, each callable (and timeable) on its own: ``decode`` (the one RGB conversion, shared with the dataset
+    builder) -> ``patch`` (mask or tissue detection, then the model's ``PatchingConfig``) -> ``preprocess`` (the
+    saved image processor) -> ``forward`` (batched, TTA views averaged) -> ``aggregate`` (the image vote).
+
+    Args:
+        model: A classifier whose ``config`` has ``id2label`` and, for the defaults, ``patching``,
+            ``aggregation`` and ``tta`` (as hf-histo checkpoints do).
+        image_processor: The image processor saved with the model (resize + normalise).
+        patching: Patching override (default: ``model.config.patching``).
+        aggregation: ``"soft"``, ``"hard"`` or ``"mask_weighted"`` (default: ``model.config.aggregation``).
+        tta: ``"none"``, ``"flips"`` or ``"d4"`` (default: ``model.config.tta``, the TTA of the reported figures).
+        batch_size: Patches per forward pass (patches of consecutive images share batches).
+        max_image_pixels: Raise PIL's decompression-bomb limit for trusted large images.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        image_processor: Any,
+        *,
+        patching: PatchingConfig | dict | None = None,
+        aggregation: str | None = None,
+        tta: str | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        max_image_pixels: int | None = None,
+    ):
+        config = model.config
+        if patching is None:
+            patching = getattr(config, "patching", None)
+            if patching is None:
+                raise ValueError(
+                    "The model config has no `patching` entry: hf-histo needs a checkpoint trained with hf-histo "
+                    "(HistoClassifierConfig.patching), which records how training patches were cut."
+                )
+        self.model = model.eval()
+        self.image_processor = image_processor
+        self.patching = patching if isinstance(patching, PatchingConfig) else PatchingConfig.from_dict(patching)
+        self.aggregation = check_aggregation(aggregation or getattr(config, "aggregation", None) or "soft")
+        self.tta = check_tta(tta or getattr(config, "tta", None) or "none")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = int(batch_size)
+        self.max_image_pixels = max_image_pixels
+        self.labels = [str(config.id2label[i]) for i in range(len(config.id2label))]
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the model's parameters."""
+        return next(self.model.parameters()).device
+
+    # ---- stages ----------------------------------------------------------------------------------------------------
+    def decode(self, image: Any, timeout: float | None = None) -> Image.Image:
+        """8-bit RGB of a path, URL, PIL image or array (``hf_histo.data.images.load_rgb``)."""
+        return load_rgb(image, self.max_image_pixels, timeout)
+
+    def patch(self, image: Image.Image, mask: Any = None, resize_mask: bool = False, name: str | None = None):
+        """Resolve the mask (tissue detection without one) and select the patch boxes, as the builder does.
+
+        Returns:
+            A `PatchedImage`.
+        """
+        mask_array, mask_source = resolve_mask(
+            image, mask, self.patching.empty_fallback, resize=resize_mask, image_path=name
+        )
+        boxes, fell_back = self.patching.boxes_with_fallback(mask_array)
+        fallback = FALLBACK_BEST_TILE if fell_back else (mask_source if mask_source in MASK_FALLBACKS else None)
+        array = np.asarray([tuple(b) for b in boxes], dtype=np.int64).reshape(-1, 5)
+        if not len(array):
+            raise ValueError(f"{name or 'image'}: no patch could be cut (an empty image?)")
+        return PatchedImage(image, mask_array, array, mask_source, fallback)
+
+    def crops(self, patched: PatchedImage, rows: Iterable[int] | None = None) -> list[Image.Image]:
+        """The patch crops of an image (all, or the given box rows), padded white past the edges."""
+        paint = self.patching.paint_background
+        rows = range(len(patched.boxes)) if rows is None else rows
+        return [crop_patch(patched.image, PatchBox(*map(int, patched.boxes[i])), patched.mask, paint) for i in rows]
+
+    def preprocess(self, crops: list[Image.Image]) -> torch.Tensor:
+        """Image-processor tensor of patch crops, on the model's device and dtype."""
+        pixels = self.image_processor(images=crops, return_tensors="pt")["pixel_values"]
+        return pixels.to(device=self.device, dtype=self.model.dtype)
+
+    def forward(self, pixel_values: torch.Tensor, tta: str | None = None) -> np.ndarray:
+        """Patch probabilities ``[B, C]`` (float64) of a processed batch, averaged over the TTA views."""
+        return patch_probabilities(self.model, pixel_values, tta or self.tta).cpu().numpy().astype(np.float64)
+
+    def aggregate(self, patch_probs: np.ndarray, boxes: np.ndarray, aggregation: str | None = None) -> np.ndarray:
+        """Image probabilities ``[C]`` from the patch probabilities (mask-weighted votes use the boxes' coverage)."""
+        method = check_aggregation(aggregation or self.aggregation)
+        weights = boxes[:, 4] / np.maximum(boxes[:, 2] * boxes[:, 3], 1) if method == "mask_weighted" else None
+        return aggregate(patch_probs, method, weights=weights)
+
+    def patch_probs(self, patched: PatchedImage, tta: str | None = None, batch_size: int | None = None) -> np.ndarray:
+        """Probabilities ``[N, C]`` of every patch of one patched image, in forward batches of ``batch_size``."""
+        batch = batch_size or self.batch_size
+        rows = range(len(patched.boxes))
+        return np.concatenate(
+            [self.forward(self.preprocess(self.crops(patched, rows[i : i + batch])), tta) for i in rows[::batch]]
+        )
+
+    def prediction(
+        self,
+        patched: PatchedImage,
+        patch_probs: np.ndarray,
+        image_id: str | None = None,
+        aggregation: str | None = None,
+        tta: str | None = None,
+    ) -> ImagePrediction:
+        """The `ImagePrediction` of a patched image from its patch probabilities (the aggregate stage)."""
+        aggregation = aggregation or self.aggregation
+        return ImagePrediction(
+            labels=self.labels,
+            probs=self.aggregate(patch_probs, patched.boxes, aggregation),
+            patch_probs=patch_probs,
+            boxes=patched.boxes,
+            mask_source=patched.mask_source,
+            fallback=patched.fallback,
+            aggregation=aggregation,
+            tta=tta or self.tta,
+            image_id=image_id,
+        )
+
+    # ---- whole images ----------------------------------------------------------------------------------------------
+    def predict(
+        self,
+        image: Any,
+        mask: Any = None,
+        image_id: str | None = None,
+        *,
+        resize_mask: bool = False,
+        aggregation: str | None = None,
+        tta: str | None = None,
+    ) -> ImagePrediction:
+        """Predict one image (path, PIL image or array) with its optional mask."""
+        return next(
+            self.predict_many([(image, mask, image_id)], resize_mask=resize_mask, aggregation=aggregation, tta=tta)
+        )
+
+    def predict_many(
+        self,
+        items: Iterable[tuple[Any, Any, str | None]],
+        *,
+        resize_mask: bool = False,
+        aggregation: str | None = None,
+        tta: str | None = None,
+    ) -> Iterator[ImagePrediction]:
+        """Predict ``(image, mask, image_id)`` items in order; patches of consecutive images share forward batches."""
+        tta = check_tta(tta or self.tta)
+        aggregation = check_aggregation(aggregation or self.aggregation)
+        pending: list[tuple[PatchedImage, str | None, list[np.ndarray]]] = []  # images in order, rows filled in
+        queue: list[tuple[list[np.ndarray], Image.Image]] = []  # crops waiting for a forward, with their image's rows
+
+        def flush() -> None:
+            if queue:
+                probs = self.forward(self.preprocess([crop for _, crop in queue]), tta)
+                for (rows, _), row in zip(queue, probs):
+                    rows.append(row)
+                queue.clear()
+
+        def finished() -> Iterator[ImagePrediction]:
+            while pending and len(pending[0][2]) == len(pending[0][0].boxes):
+                patched, image_id, rows = pending.pop(0)
+                yield self.prediction(patched, np.stack(rows), image_id, aggregation, tta)
+
+        for image, mask, image_id in items:
+            name = os.fspath(image) if isinstance(image, (str, os.PathLike)) else image_id
+            patched = self.patch(self.decode(image), mask, resize_mask, name)
+            rows: list[np.ndarray] = []
+            pending.append((patched, image_id, rows))
+            for crop in self.crops(patched):
+                queue.append((rows, crop))
+                if len(queue) == self.batch_size:
+                    flush()
+                    yield from finished()
+        flush()
+        yield from finished()

@@ -1,0 +1,1 @@
+"""The recipes, one script each; installed as `hf_histo.recipes` (`python -m hf_histo.recipes.NAME`)."""
