@@ -68,6 +68,7 @@ def tiny(line: str) -> str:
         line += " --quick"
     if re.search(r"recipes/\w+\.py", line):
         line = re.sub(r"--num_processes (\d+)", lambda m: "--cpu --num_processes 2" if int(m[1]) > 2 else m[0], line)
+        line = re.sub(r"--n_folds \d+", "--n_folds 2", line)
         line += " " + FAST
     return line
 
@@ -147,6 +148,7 @@ def test_tiny_settings():
     many = tiny("accelerate launch --config_file accelerate_config.yaml --num_processes 8 recipes/x.py --data_dir D")
     assert "--cpu --num_processes 2 recipes/x.py --data_dir D --demo --max_steps 2" in many
     assert shell("hf-histo inspect DATA --out x  # note") == "hf-histo inspect DATA --out x  # note"
+    assert "--n_folds 2 " in tiny("python recipes/x.py --data_dir D --n_folds 5")
 
 
 @pytest.mark.slow

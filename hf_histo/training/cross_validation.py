@@ -38,12 +38,16 @@ def _fold_args(
     return fold_data, fold_training
 
 
-def summarize_folds(fold_dirs: Sequence[str | Path], out_dir: str | Path | None = None) -> dict[str, Any]:
+def summarize_folds(
+    fold_dirs: Sequence[str | Path], out_dir: str | Path | None = None, n_bootstrap: int = 1000, seed: int = 0
+) -> dict[str, Any]:
     """Combine finished folds: per-fold image metrics, mean ± std, and out-of-fold (OOF) metrics.
 
     Args:
         fold_dirs: Output folders of the folds (each with the `metrics.json` that `finalize_run` wrote).
         out_dir: Where to write `cv_metrics.json`, `oof_image_predictions.csv` and `oof_confusion_matrix.png`.
+        n_bootstrap: Resamples of the out-of-fold macro-F1 confidence interval.
+        seed: Seed of the resampling.
 
     Returns:
         `{"n_folds", "folds": [...], "mean": {...}, "std": {...}, "oof": ImageLevelResult.to_dict(),
@@ -81,6 +85,8 @@ def summarize_folds(fold_dirs: Sequence[str | Path], out_dir: str | Path | None 
         aggregation=first.aggregation,
         tta=first.tta,
         split="out_of_fold",
+        n_bootstrap=n_bootstrap,
+        seed=seed,
     )
     summary = {
         "n_folds": len(folds),
@@ -150,7 +156,7 @@ def run_cross_validation(
     fold_dirs = [root / f"fold_{k}" for k in range(n_folds) if (root / f"fold_{k}" / "metrics.json").is_file()]
     summary = None
     if getattr(training_args, "process_index", 0) == 0:
-        summary = summarize_folds(fold_dirs, root)
+        summary = summarize_folds(fold_dirs, root, training_args.n_bootstrap, training_args.seed)
         summary["wall_seconds"] = {str(k): round(v, 1) for k, v in wall.items()}
         atomic_write_text(root / "cv_metrics.json", json.dumps(summary, indent=2) + "\n")
         logger.info(
