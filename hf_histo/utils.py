@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic file writes."""
+"""Small shared helpers: atomic file writes and CSV cells that spreadsheets cannot run."""
 
 from __future__ import annotations
 
@@ -58,3 +58,14 @@ def atomic_savefig(path: str | Path, figure, **save_kw) -> Path:
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format=path.suffix.lstrip(".") or "png", **save_kw)
     return path
+
+
+# A cell starting with one of these is run as a formula by spreadsheet programs (OWASP CSV injection).
+_FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(value: object) -> object:
+    """A CSV cell that spreadsheets show as text: strings starting like a formula get a leading ``'`` (OWASP)."""
+    if isinstance(value, str) and value.startswith(_FORMULA_PREFIXES):
+        return "'" + value
+    return value
