@@ -23,14 +23,40 @@ TISSUE_MIN_OBJECT_SIZE = 500  # connected components smaller than this (pixels) 
 TISSUE_DETECTION_WIDTH = 1024  # the detector runs on a copy at most this wide, then scales back
 
 
-def normalize_mask(mask: np.ndarray | Image.Image) -> np.ndarray:
+JPEG_NOISE_FLOOR = 32  # of 255: JPEG ringing around a sharp 0/255 edge stays below this
+
+
+def is_lossy(image: Image.Image) -> bool:
+    """Whether a PIL image was decoded from a lossy file (JPEG, JPEG-compressed TIFF, lossy WebP)."""
+    if image.format in ("JPEG", "MPO"):
+        return True
+    if image.format == "TIFF":
+        return str(image.info.get("compression", "")).lower() in ("jpeg", "tiff_jpeg")
+    if image.format == "WEBP":  # lossless WebP stores a VP8L chunk; PIL does not say which it read
+        try:
+            with open(image.filename, "rb") as f:  # type: ignore[attr-defined]
+                return b"VP8L" not in f.read(4096)
+        except (AttributeError, OSError, TypeError):
+            return True
+    return False
+
+
+def normalize_mask(mask: np.ndarray | Image.Image, lossy: bool | None = None) -> np.ndarray:
     """Turn a mask of any common encoding into a boolean array of shape (height, width).
 
-    0/1, 0/255, bool, 16-bit, palette (index > 0 is foreground), RGB (any channel on) and LA/RGBA
-    (the alpha channel is ignored) masks are accepted. Values above half the mask's maximum are
-    foreground, so JPEG noise around 0 and 255 does not matter.
+    Any non-zero value is region of interest: 0/1, 0/255, bool, instance ids (each object numbered
+    1..N, 8- or 16-bit), palette indices, RGB (any channel on) and LA/RGBA (the alpha channel is
+    ignored). A lossy (JPEG) mask is noisy around 0, so there a value must exceed a noise floor of
+    ``JPEG_NOISE_FLOOR`` (of 255), or half the maximum when that is lower (a 0/1 JPEG); keep
+    instance ids and palettes in a lossless format (PNG, BMP, TIFF).
+
+    Args:
+        mask: A PIL image or an array.
+        lossy: Apply the JPEG noise floor; None decides from the PIL image's file format (an
+            array is exact).
     """
     if isinstance(mask, Image.Image):
+        lossy = is_lossy(mask) if lossy is None else lossy
         if mask.mode == "P":
             return np.asarray(mask) > 0
         if mask.mode in ("LA", "La"):
@@ -45,8 +71,12 @@ def normalize_mask(mask: np.ndarray | Image.Image) -> np.ndarray:
         raise DataError(f"a mask must be 2-D (height, width) or an image, got shape {arr.shape}.")
     if arr.dtype == bool:
         return arr.copy()
+    if arr.dtype.kind == "f":
+        arr = np.nan_to_num(arr, nan=0.0)
+    if not lossy:
+        return arr != 0
     top = float(arr.max()) if arr.size else 0.0
-    return arr > (0 if top <= 1 else top / 2)
+    return arr > min(JPEG_NOISE_FLOOR, top / 2)
 
 
 def load_mask(
@@ -74,7 +104,7 @@ def load_mask(
         try:
             with Image.open(path) as im:
                 im.load()
-                mask = im.copy()
+                mask, lossy = im.copy(), is_lossy(im)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise DataError(
                 f"{path}: the mask is larger than the decompression-bomb limit of {limit} pixels; "
@@ -92,7 +122,7 @@ def load_mask(
         if mask.mode == "P":
             mask = Image.fromarray(normalize_mask(mask).astype(np.uint8) * 255)
         mask = mask.resize(tuple(image_size), Image.NEAREST)
-    return normalize_mask(mask)
+    return normalize_mask(mask, lossy=lossy)
 
 
 def _otsu_threshold(values: np.ndarray, bins: int = 256) -> float:

@@ -2,21 +2,37 @@
 
 from __future__ import annotations
 
-import csv
+import logging
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from .images import DataError
+from .listings import (
+    FILE_COLUMNS,
+    GROUP_COLUMNS,
+    IMAGE_EXTENSIONS,
+    LABEL_COLUMNS,
+    absolute,
+    count,
+    few,
+    find_column,
+    is_missing,
+    no_label,
+    path_inside,
+    read_csv,
+    read_exclusions,
+)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 LAYOUTS = ("challenge", "table", "class_folders", "manifest")
-FILE_COLUMNS = ("filename", "sample_index", "image")
-GROUP_COLUMNS = ("patient_id", "group")
 MANIFEST_COLUMNS = ("image_id", "image_path", "mask_path", "label", "group_id", "split")
 MANIFEST_NAME = "clean_manifest.csv"
 
 OnError = Literal["raise", "skip"]
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["Sample", "SampleSet", "detect_layout", "read_samples"]
 
@@ -52,12 +68,14 @@ class SampleSet:
         layout: The layout that was read.
         root: The data folder (or the manifest file).
         skipped: ``(file, reason)`` pairs for samples left out with ``on_error="skip"``.
+        unmatched_masks: Mask files that belong to no image (misnamed: their images use tissue detection).
     """
 
     samples: list[Sample]
     layout: str
     root: Path
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    unmatched_masks: list[Path] = field(default_factory=list)
 
     @property
     def labels(self) -> list[str]:
@@ -79,18 +97,41 @@ class SampleSet:
 
 
 class _Collector:
-    """Raise at once, or record and go on, depending on ``on_error``."""
+    """Raise at once, or record and go on, depending on ``on_error``; gather what is only warned about."""
 
     def __init__(self, on_error: OnError):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.on_error = on_error
         self.skipped: list[tuple[str, str]] = []
+        self.mask_dirs: list[Path] = []  # folders that hold masks
+        self.unmatched_masks: list[Path] = []  # mask files that no image claims
+        self.without_mask: list[Path] = []  # images of those folders without a mask
+        self.n_images = 0  # images of those folders
 
     def problem(self, file: str | Path, message: str) -> None:
         if self.on_error == "raise":
             raise DataError(f"{file}: {message}")
         self.skipped.append((str(file), message))
+
+    def masks(self, folder: Path, masks: list[Path], mask_of: dict[Path, Path | None]) -> None:
+        if masks:
+            self.mask_dirs.append(folder)
+            self.unmatched_masks += sorted(set(masks) - set(mask_of.values()))
+            self.without_mask += [image for image, mask in mask_of.items() if mask is None]
+            self.n_images += len(mask_of)
+
+    def warn_masks(self) -> None:
+        """One warning: misnamed masks and the images that fall back to tissue detection."""
+        unmatched, without = self.unmatched_masks, self.without_mask
+        parts = [f"{count(len(unmatched), 'mask file', 'matches')} no image ({few(unmatched)})"] if unmatched else []
+        if without:
+            parts.append(
+                f"{len(without)} of {self.n_images} images have no mask and use tissue detection ({few(without)})"
+            )
+        if parts:
+            fix = "give each mask its image's name (table: masks/<image name>; challenge: mask_N beside img_N)"
+            logger.warning("%s: %s; %s.", self.mask_dirs[0], "; ".join(parts), fix)
 
 
 def _is_image(path: Path) -> bool:
@@ -99,30 +140,6 @@ def _is_image(path: Path) -> bool:
 
 def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if _is_image(p))
-
-
-def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
-            columns = [c.strip() for c in reader.fieldnames or []]
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise DataError(f"{path}: not a readable UTF-8 CSV file ({e}); save it as CSV with a header row.") from e
-    if not columns:
-        raise DataError(f"{path}: the CSV file is empty; it needs a header row.")
-    return columns, rows
-
-
-def _inside(root: Path, relative: str, csv_path: Path) -> Path:
-    """Resolve ``relative`` under ``root``, refusing paths that escape it."""
-    candidate = (root / relative).resolve()
-    if not candidate.is_relative_to(root.resolve()):
-        raise DataError(
-            f"{csv_path}: the path {relative!r} points outside the data folder {root}; "
-            "list file names relative to the folder."
-        )
-    return candidate
 
 
 def detect_layout(data_dir: str | Path) -> str:
@@ -163,18 +180,16 @@ def detect_layout(data_dir: str | Path) -> str:
 
 def _check_unique(samples: list[Sample], col: _Collector) -> list[Sample]:
     seen: dict[str, Sample] = {}
-    out = []
     for s in samples:
-        if s.image_id in seen:
-            col.problem(
-                s.image_path,
-                f"duplicate file name: image id {s.image_id!r} is also {seen[s.image_id].image_path}; "
-                "rename one of them (image ids are file names without extension and must be unique).",
-            )
+        if s.image_id not in seen:
+            seen[s.image_id] = s
             continue
-        seen[s.image_id] = s
-        out.append(s)
-    return out
+        col.problem(
+            s.image_path,
+            f"duplicate file name: image id {s.image_id!r} is also {seen[s.image_id].image_path}; "
+            "rename one of them (image ids are file names without extension and must be unique).",
+        )
+    return list(seen.values())
 
 
 def _mask_for(mask_dir: Path, image: Path) -> Path | None:
@@ -190,6 +205,33 @@ def _mask_for(mask_dir: Path, image: Path) -> Path | None:
     return None
 
 
+def _listed_rows(
+    csv_path: Path, folder: Path, rows: list[dict[str, str]], file_col: str, col: _Collector, listed: set[Path]
+) -> Iterator[tuple[int, dict[str, str], Path]]:
+    """``(line number, row, path)`` of each row that names an existing file inside ``folder``, once each."""
+    for i, row in enumerate(rows, start=2):
+        name = row[file_col]
+        if not name:
+            col.problem(csv_path, f"row {i} has an empty {file_col!r}; fill it or delete the row.")
+        elif (path := path_inside(folder, name, csv_path, i)) in listed:
+            col.problem(csv_path, f"row {i}: {name!r} is listed twice; keep one row per image.")
+        elif not path.is_file():
+            col.problem(csv_path, f"row {i} names {name!r} but {path} does not exist; add the file or drop the row.")
+        else:
+            listed.add(path)
+            yield i, row, path
+
+
+def _challenge_masks(folder: Path, col: _Collector) -> tuple[list[Path], dict[Path, Path | None]]:
+    """The images of a challenge folder and the ``mask_`` file beside each (None when absent)."""
+    files = _images_in(folder)
+    images = [p for p in files if not p.name.startswith("mask_")]
+    beside = {p: folder / p.name.replace("img_", "mask_", 1) for p in images}
+    mask_of = {p: m if m != p and m.is_file() else None for p, m in beside.items()}
+    col.masks(folder, [p for p in files if p.name.startswith("mask_")], mask_of)
+    return images, mask_of
+
+
 def _read_challenge(root: Path, col: _Collector) -> list[Sample]:
     samples: list[Sample] = []
     label_csv = root / "train_labels.csv"
@@ -197,94 +239,94 @@ def _read_challenge(root: Path, col: _Collector) -> list[Sample]:
     if train_dir.is_dir():
         if not label_csv.is_file():
             raise DataError(f"{label_csv}: missing; the challenge layout needs 'sample_index,label' for train_data/.")
-        columns, rows = _read_csv(label_csv)
-        for needed in ("sample_index", "label"):
-            if needed not in columns:
+        columns, rows = read_csv(label_csv)
+        file_col, label_col = find_column(columns, ("sample_index",)), find_column(columns, LABEL_COLUMNS)
+        for needed, found in (("sample_index", file_col), ("label", label_col)):
+            if found is None:
                 raise DataError(
                     f"{label_csv}: no {needed!r} column (found {columns}); the header is sample_index,label."
                 )
         labels: dict[str, str] = {}
-        for i, row in enumerate(rows, start=2):
-            name = row["sample_index"]
-            if not name:
-                col.problem(label_csv, f"row {i} has an empty sample_index; fill it or delete the row.")
-                continue
-            path = _inside(train_dir, name, label_csv)
-            if not path.is_file():
+        for i, row, path in _listed_rows(label_csv, train_dir, rows, file_col, col, set()):
+            if is_missing(raw := row[label_col]):
                 col.problem(
-                    label_csv, f"row {i} names {name!r} but {path} does not exist; add the file or drop the row."
+                    label_csv,
+                    f"{no_label(i, row[file_col], raw)}; fill it, or move an unlabelled image to test_data/.",
                 )
-                continue
-            if not row["label"]:
-                col.problem(label_csv, f"row {i} ({name!r}) has an empty label; fill it or delete the row.")
-                continue
-            labels[path.name] = row["label"]
-        for image in _images_in(train_dir):
-            if image.name.startswith("mask_"):
-                continue
+            else:
+                labels[path.name] = raw
+        images, mask_of = _challenge_masks(train_dir, col)
+        for image in images:
             if image.name not in labels:
                 col.problem(image, f"has no row in {label_csv}; add a 'sample_index,label' row for it.")
                 continue
-            mask = train_dir / image.name.replace("img_", "mask_", 1)
-            samples.append(
-                Sample(
-                    image,
-                    mask if mask.is_file() and mask != image else None,
-                    labels[image.name],
-                    image.stem,
-                    image.stem,
-                )
-            )
+            samples.append(Sample(image, mask_of[image], labels[image.name], image.stem, image.stem))
     test_dir = root / "test_data"
     if test_dir.is_dir():
-        test_images = [p for p in _images_in(test_dir) if not p.name.startswith("mask_")]
+        test_images, mask_of = _challenge_masks(test_dir, col)
         # Test files may be numbered from 0 again; ids must stay unique, so they then get a "test_" prefix
         # (the file name, which a submission uses, is unchanged).
         train_ids = {s.image_id for s in samples}
         prefix = "test_" if any(p.stem in train_ids for p in test_images) else ""
         for image in test_images:
-            mask = test_dir / image.name.replace("img_", "mask_", 1)
             image_id = prefix + image.stem
-            samples.append(
-                Sample(image, mask if mask.is_file() and mask != image else None, None, image_id, image_id, "test")
-            )
+            samples.append(Sample(image, mask_of[image], None, image_id, image_id, "test"))
     return samples
 
 
 def _read_table(root: Path, col: _Collector) -> list[Sample]:
     image_dir, mask_dir, label_csv = root / "images", root / "masks", root / "labels.csv"
     files = _images_in(image_dir)
+    if mask_dir.is_dir():
+        col.masks(mask_dir, _images_in(mask_dir), {p: _mask_for(mask_dir, p) for p in files})
     if not label_csv.is_file():
         # Unlabelled folder: every image is a test image.
         return [Sample(p, _mask_for(mask_dir, p), None, p.stem, p.stem, "test") for p in files]
-    columns, rows = _read_csv(label_csv)
-    file_col = next((c for c in FILE_COLUMNS if c in columns), None)
+    columns, rows = read_csv(label_csv)
+    file_col, label_col = find_column(columns, FILE_COLUMNS), find_column(columns, LABEL_COLUMNS)
+    group_col, split_col = find_column(columns, GROUP_COLUMNS), find_column(columns, ("split",))
     if file_col is None:
         raise DataError(f"{label_csv}: no file column; name one of {list(FILE_COLUMNS)} (found {columns}).")
-    group_col = next((c for c in GROUP_COLUMNS if c in columns), None)
-    has_label = "label" in columns
+    if label_col is None:
+        raise DataError(
+            f"{label_csv}: no label column (found {columns}); name it one of {list(LABEL_COLUMNS)}, "
+            f"or remove {label_csv.name} if the images are unlabelled."
+        )
+    unused = [c for c in columns if c not in (file_col, label_col, split_col)]
+    if group_col is None and unused:
+        logger.warning(
+            "%s: no group column, so one patient's images may land in both train and validation; unused columns "
+            "%s: name the patient column one of %s.",
+            label_csv,
+            unused,
+            list(GROUP_COLUMNS),
+        )
     samples: list[Sample] = []
     listed: set[Path] = set()
-    for i, row in enumerate(rows, start=2):
-        name = row[file_col]
-        if not name:
-            col.problem(label_csv, f"row {i} has an empty {file_col!r}; fill it or delete the row.")
+    unlabelled: list[str] = []
+    for i, row, path in _listed_rows(label_csv, image_dir, rows, file_col, col, listed):
+        name, raw, split = row[file_col], row[label_col], (row[split_col] if split_col else "").lower()
+        label = None if is_missing(raw) else raw
+        if label is None and split == "train":
+            col.problem(
+                label_csv, f"{no_label(i, name, raw)} but split 'train'; fill the label, or set split to test."
+            )
             continue
-        path = _inside(image_dir, name, label_csv)
-        if path in listed:
-            col.problem(label_csv, f"row {i}: {name!r} is listed twice; keep one row per image.")
-            continue
-        if not path.is_file():
-            col.problem(label_csv, f"row {i} names {name!r} but {path} does not exist; add the file or drop the row.")
-            continue
-        listed.add(path)
-        label = (row.get("label") or None) if has_label else None
-        split = (row.get("split") or "").lower()
-        split = "test" if split == "test" or label is None else "train"
-        group = (row.get(group_col) or None) if group_col else None
-        samples.append(Sample(path, _mask_for(mask_dir, path), label, path.stem, group or path.stem, split))
+        if label is None and split != "test":
+            unlabelled.append(f"row {i} {name!r}" + (f": {raw!r}" if raw else ""))
+        group = row[group_col] if group_col and not is_missing(row[group_col]) else path.stem
+        split = "test" if label is None or split == "test" else "train"
+        samples.append(Sample(path, _mask_for(mask_dir, path), label, path.stem, group, split))
+    if unlabelled:
+        logger.warning(
+            "%s: %s no label (%s): read as unlabelled test images; fill the label, or write 'test' in a "
+            "'split' column to say so.",
+            label_csv,
+            count(len(unlabelled), "row", "has"),
+            few(unlabelled),
+        )
     for p in files:
-        if p.resolve() not in listed:
+        if absolute(p) not in listed:
             col.problem(p, f"has no row in {label_csv}; add a row for it or move it out of images/.")
     return samples
 
@@ -297,25 +339,36 @@ def _read_class_folders(root: Path, col: _Collector) -> list[Sample]:
     return samples
 
 
+def _manifest_path(csv_path: Path, written: str, row: int) -> Path:
+    """Absolute paths as written (``hf-histo clean`` points so at data elsewhere), else inside the manifest's folder."""
+    if os.path.isabs(written):
+        return absolute(Path(written))
+    return path_inside(csv_path.parent, written, csv_path, row, "the manifest's folder")
+
+
 def _read_manifest(csv_path: Path, col: _Collector) -> list[Sample]:
-    columns, rows = _read_csv(csv_path)
+    columns, rows = read_csv(csv_path)
     missing = [c for c in ("image_id", "image_path") if c not in columns]
     if missing:
         raise DataError(f"{csv_path}: manifest without columns {missing}; expected {list(MANIFEST_COLUMNS)}.")
-    base = csv_path.parent
     samples = []
     for i, row in enumerate(rows, start=2):
-        image = (base / row["image_path"]).resolve()
-        if not image.is_file():
-            col.problem(csv_path, f"row {i}: image {image} does not exist; re-run `hf-histo clean` on the data.")
+        image = _manifest_path(csv_path, row["image_path"], i)
+        mask = _manifest_path(csv_path, row["mask_path"], i) if row.get("mask_path") else None
+        absent = next((p for p in (image, mask) if p is not None and not p.is_file()), None)
+        if absent is not None:
+            col.problem(csv_path, f"row {i}: {absent} does not exist; re-run `hf-histo clean` on the data.")
             continue
-        mask = (base / row["mask_path"]).resolve() if row.get("mask_path") else None
-        if mask is not None and not mask.is_file():
-            col.problem(csv_path, f"row {i}: mask {mask} does not exist; re-run `hf-histo clean` on the data.")
+        raw, split = row.get("label") or "", (row.get("split") or "").lower()
+        label = None if is_missing(raw) else raw
+        if label is None and split != "test":  # clean writes split=test for unlabelled images
+            col.problem(
+                csv_path,
+                f"{no_label(i, row['image_id'], raw)} but split is not 'test'; fill the label, or set split to test.",
+            )
             continue
-        label = row.get("label") or None
-        split = row.get("split") or ("train" if label is not None else "test")
-        samples.append(Sample(image, mask, label, row["image_id"], row.get("group_id") or row["image_id"], split))
+        group = row.get("group_id") or row["image_id"]
+        samples.append(Sample(image, mask, label, row["image_id"], group, "test" if split == "test" else "train"))
     return samples
 
 
@@ -327,17 +380,19 @@ _READERS = {
 }
 
 
-def read_exclusions(path: str | Path) -> set[str]:
-    """Read an exclusion list: one ``image_id`` per line, ``#`` starts a comment."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: exclusion file not found; pass a text file with one image id per line.")
-    ids = set()
-    for line in path.read_text(encoding="utf-8").splitlines():
-        item = line.split("#", 1)[0].strip()
-        if item:
-            ids.add(Path(item).stem if Path(item).suffix.lower() in IMAGE_EXTENSIONS else item)
-    return ids
+def _warn_labels(root: Path, samples: list[Sample]) -> None:
+    """Warn about labels that differ only in case: they stay different classes."""
+    spellings: dict[str, set[str]] = {}
+    for s in samples:
+        if s.label is not None:
+            spellings.setdefault(s.label.casefold(), set()).add(s.label)
+    clashes = "; ".join(" / ".join(repr(x) for x in sorted(v)) for v in spellings.values() if len(v) > 1)
+    if clashes:
+        logger.warning(
+            "%s: labels that differ only in case are different classes: %s; if they are one class, spell it one way.",
+            root,
+            clashes,
+        )
 
 
 def read_samples(
@@ -348,6 +403,9 @@ def read_samples(
     exclude: str | Path | None = None,
 ) -> SampleSet:
     """Read a data folder into sample records.
+
+    Misnamed masks, images that fall back to tissue detection, labels that differ only in case,
+    unlabelled rows and unknown excluded ids are logged as warnings (one each).
 
     Args:
         data_dir: The data folder, or a ``clean_manifest.csv`` written by ``hf-histo clean``.
@@ -377,10 +435,14 @@ def read_samples(
         raise DataError(f"{root}: not found; pass an existing data folder.")
     samples = _READERS[layout](root, col)
     samples = _check_unique(sorted(samples, key=lambda s: (s.image_id, str(s.image_path))), col)
+    col.warn_masks()
+    _warn_labels(root, samples)
     if exclude is not None:
-        excluded = read_exclusions(exclude)
+        excluded = read_exclusions(exclude, [s.image_id for s in samples])
         samples = [s for s in samples if s.image_id not in excluded]
     if not samples:
         hint = f" ({len(col.skipped)} skipped: {col.skipped[0][0]}: {col.skipped[0][1]})" if col.skipped else ""
         raise DataError(f"{root}: no usable images found in the {layout} layout{hint}.")
-    return SampleSet(samples=samples, layout=layout, root=root, skipped=col.skipped)
+    return SampleSet(
+        samples=samples, layout=layout, root=root, skipped=col.skipped, unmatched_masks=col.unmatched_masks
+    )
