@@ -85,6 +85,7 @@ def _train(manifest: Path, model_dir: Path, backbone: str, epochs: int, seed: in
     argv = [
         "--data_dir", str(manifest),
         "--output_dir", str(model_dir),
+        "--overwrite_output_dir", "true",  # the demo regenerates everything it writes
         "--model_name_or_path", backbone,
         "--augment", "flips",  # a finite set of views + no CutMix: the head trains on cached embeddings
         "--cutmix_alpha", "0",

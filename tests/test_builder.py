@@ -97,11 +97,13 @@ def test_second_call_loads_the_cache_and_changes_rebuild(tmp_path, monkeypatch):
     }
     assert labels["im0"] == "b"
 
-    # Touching a mask (new mtime, same bytes) rebuilds; the untouched data is cached again afterwards.
+    # The key is the content: touching a mask (new mtime, same bytes) keeps the cache, new mask bytes rebuild.
     calls.clear()
     mask = root / "masks" / "im3.png"
     stat = mask.stat()
     os.utime(mask, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert build_patch_dataset(root, SMALL, **kwargs)[1].cached and calls == []
+    mask_image(30).save(mask)
     assert not build_patch_dataset(root, SMALL, **kwargs)[1].cached and len(calls) == 6
     assert build_patch_dataset(root, SMALL, **kwargs)[1].cached
 

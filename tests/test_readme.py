@@ -70,6 +70,8 @@ def tiny(line: str) -> str:
         line = re.sub(r"--num_processes (\d+)", lambda m: "--cpu --num_processes 2" if int(m[1]) > 2 else m[0], line)
         line = re.sub(r"--n_folds \d+", "--n_folds 2", line)
         line += " " + FAST
+        # the README's recipe lines are alternatives; run in sequence they share OUT, so each replaces the last
+        line += " --overwrite_output_dir true"
     return line
 
 

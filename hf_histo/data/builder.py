@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import shutil
 import time
 import uuid
 from collections import Counter
@@ -122,14 +123,15 @@ class HistoPatches(datasets.GeneratorBasedBuilder):
 
     ``datasets`` >= 4 no longer runs loading scripts, so this is an importable ``GeneratorBasedBuilder``.
     Its cache key (the builder ``hash``) covers the package and patching versions, the source of the data
-    modules, every option, and the size and modification time of every image, mask and label file: the
-    same arguments load the Arrow cache, and any change to the data or the patching code rebuilds (into
-    a new folder: old builds stay in ``cache_dir/histo_patches/`` until deleted).
+    modules, every option, and a hash of the bytes of every image, mask and label file: the same arguments
+    and data load the Arrow cache, and any change to the data or the patching code rebuilds (into a new
+    folder: old builds stay in ``cache_dir/histo_patches/`` until deleted).
 
     Splits are made per image before patching (``splits.split_samples``), so a group (patient) is never
-    in two splits. Images without a label (challenge ``test_data/``) get label ``-1``, which
-    ``datasets.ClassLabel`` reserves for "no label"; they form the ``test`` split, as do rows of a
-    table's ``split`` column marked ``test`` (those keep their label).
+    in two splits; with ``on_error="skip"`` images and masks are decoded first, so splits hold readable
+    images only and never come out empty. Images without a label (challenge ``test_data/``) get label
+    ``-1``, which ``datasets.ClassLabel`` reserves for "no label"; they form the ``test`` split, as do rows
+    of a table's ``split`` column marked ``test`` (those keep their label).
 
     Use ``load_patch_dataset`` (or ``build_patch_dataset``); to drive it by hand::
 
@@ -159,6 +161,7 @@ class HistoPatches(datasets.GeneratorBasedBuilder):
                 "(a dict from a model config converts with PatchingConfig.from_dict)"
             )
         self._sample_set = sample_set
+        self._unreadable: list[dict[str, Any]] = []  # skip records of files that did not decode (on_error="skip")
         kwargs.setdefault("dataset_name", "histo_patches")
         super().__init__(*args, **kwargs)
 
@@ -184,26 +187,46 @@ class HistoPatches(datasets.GeneratorBasedBuilder):
             features=patch_features(self.sample_set.labels),
         )
 
+    def _readable(self, samples: list[Sample]) -> list[Sample]:
+        """The samples whose image and mask decode (``on_error="skip"``); the others become skip records."""
+        good = []
+        for sample in samples:
+            try:
+                self._decode(sample)
+            except DataError as e:
+                logger.warning("skipping %s", e)
+                error = [str(sample.image_path), str(e)]
+                self._unreadable.append({"image_id": sample.image_id, "split": sample.split, "error": error})
+                continue
+            good.append(sample)
+        return good
+
     def _split_generators(self, dl_manager: Any) -> list[datasets.SplitGenerator]:
         c = self.config
-        train, validation = split_samples(self.sample_set.train, c.val_fraction, c.seed, c.n_folds, c.fold)
-        splits = [
-            (datasets.Split.TRAIN, train),
-            (datasets.Split.VALIDATION, validation),
-            (datasets.Split.TEST, self.sample_set.test),
-        ]
+        train, test = self.sample_set.train, self.sample_set.test
+        self._unreadable = []
+        if c.on_error == "skip":  # a bad file found after splitting could empty a split (a missing split on reload)
+            train, test = self._readable(train), self._readable(test)
+        train, validation = split_samples(train, c.val_fraction, c.seed, c.n_folds, c.fold)
+        splits = [(datasets.Split.TRAIN, train), (datasets.Split.VALIDATION, validation), (datasets.Split.TEST, test)]
         return [
             datasets.SplitGenerator(name=name, gen_kwargs={"samples": samples, "split": str(name)})
             for name, samples in splits
             if samples
         ]
 
-    def _patches(self, sample: Sample) -> tuple[list[tuple[PatchBox, Image.Image]], str, bool]:
-        c, patching = self.config, self.config.patching
+    def _decode(self, sample: Sample) -> tuple[Image.Image, Any, str]:
+        """The sample's RGB image, its mask (an array) and where the mask came from; raises ``DataError``."""
+        c = self.config
         image = load_image(sample.image_path, c.max_image_pixels)
         mask, source = resolve_mask(
-            image, sample.mask_path, patching.empty_fallback, c.resize_masks, sample.image_path, c.max_image_pixels
+            image, sample.mask_path, c.patching.empty_fallback, c.resize_masks, sample.image_path, c.max_image_pixels
         )
+        return image, mask, source
+
+    def _patches(self, sample: Sample) -> tuple[list[tuple[PatchBox, Image.Image]], str, bool]:
+        patching = self.config.patching
+        image, mask, source = self._decode(sample)
         boxes, fell_back = patching.boxes_with_fallback(mask)
         return [(box, crop_patch(image, box, mask, patching.paint_background)) for box in boxes], source, fell_back
 
@@ -271,9 +294,18 @@ class HistoPatches(datasets.GeneratorBasedBuilder):
         return self.report(records)
 
     def _download_and_prepare(self, dl_manager: Any, verification_mode: Any, **kwargs: Any) -> None:
+        # datasets builds into `<cache>.incomplete` and reuses that folder after a killed build: empty it first, so
+        # that no record (or shard) of the killed build is merged into this one.
+        output_dir = Path(self._output_dir)
+        if output_dir.name.endswith(".incomplete"):
+            for entry in output_dir.iterdir():
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        shutil.rmtree(output_dir / _RECORDS_DIR, ignore_errors=True)
         super()._download_and_prepare(dl_manager, verification_mode, **kwargs)
-        records_dir = Path(self._output_dir) / _RECORDS_DIR
-        records = []
+        for name in [name for name, split in self.info.splits.items() if not split.num_examples]:
+            del self.info.splits[name]  # every image of the split was skipped: declared, it could not be loaded
+        records_dir = output_dir / _RECORDS_DIR
+        records = list(self._unreadable)
         for path in sorted(records_dir.glob("*.json")):
             records += json.loads(path.read_text())
             path.unlink()
@@ -281,7 +313,7 @@ class HistoPatches(datasets.GeneratorBasedBuilder):
             records_dir.rmdir()
         report = self.report(records)
         # Written inside the builder's temporary folder, which datasets renames into the cache.
-        (Path(self._output_dir) / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=1))
+        (output_dir / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=1))
 
 
 def _unwrap_data_error(error: BaseException) -> DataError | None:

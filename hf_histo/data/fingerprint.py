@@ -1,4 +1,4 @@
-"""The patch dataset's cache key: package and patching versions, data-module code, options and source file stats."""
+"""The patch dataset's cache key: package and patching versions, data-module code, options and source file contents."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
+
+import xxhash  # a requirement of `datasets` (its own fingerprints): ~2.5 GB/s here, 4x sha1
 
 from .patching import PATCHING_VERSION
 from .sources import SampleSet
@@ -27,11 +29,20 @@ def package_version() -> str:
         return "0+unknown"
 
 
-def _stat(path: Path | None) -> list[Any] | None:
+def file_digest(path: Path) -> str:
+    """A fast hash of a file's bytes (xxh3-128), read in 1 MiB blocks so that large slides stay out of memory."""
+    digest = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _content(path: Path | None) -> list[Any] | None:
+    # The bytes, not size + mtime: tools that rewrite pixels may keep both (same-size formats, restored mtimes).
     if path is None:
         return None
-    st = os.stat(path)
-    return [str(path), st.st_size, st.st_mtime_ns]
+    return [str(path), os.path.getsize(path), file_digest(path)]
 
 
 def _code_digest() -> str:
@@ -44,9 +55,10 @@ def _code_digest() -> str:
 
 
 def dataset_fingerprint(sample_set: SampleSet, options: Mapping[str, Any]) -> str:
-    """The cache key of a patch dataset: versions, code, options, and every source file's size and mtime.
+    """The cache key of a patch dataset: versions, code, options, and a hash of every source file's bytes.
 
-    Changing, adding or removing an image, a mask or a label (or editing the data modules) changes it.
+    Changing, adding or removing an image, a mask or a label (or editing the data modules) changes it; touching a
+    file (new mtime, same bytes) does not. Hashing costs ~30 ms per 65 MB of images and masks (GlaS train: 85 images).
 
     Args:
         sample_set: The samples read from the data folder.
@@ -64,9 +76,9 @@ def dataset_fingerprint(sample_set: SampleSet, options: Mapping[str, Any]) -> st
         "code": _code_digest(),
         "options": dict(options),
         "layout": sample_set.layout,
-        "tables": [_stat(p) for p in tables],
+        "tables": [_content(p) for p in tables],
         "samples": [
-            [s.image_id, _stat(s.image_path), _stat(s.mask_path), s.label, s.group_id, s.split]
+            [s.image_id, _content(s.image_path), _content(s.mask_path), s.label, s.group_id, s.split]
             for s in sample_set.samples
         ],
         "skipped": sample_set.skipped,

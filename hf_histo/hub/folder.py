@@ -1,4 +1,4 @@
-"""Hub-ready checkpoint folders: weights, processor, shipped code, plots and model card, written once."""
+"""Hub-ready checkpoint folders: weights, processor, shipped code, plots and model card, published at once."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def save_for_hub(
     Args:
         model: The trained `HistoClassifierForImageClassification` (unwrapped: no DDP/peft wrapper; merge LoRA
             first).
-        output_dir: Folder to write (created; existing files of the same names are replaced).
+        output_dir: Folder to write (created; the files of an earlier save there are replaced or removed).
         image_processor: The backbone's image processor (or an int side) used for training; what is saved is
             `make_image_processor(image_processor)`: the training eval transform.
         result: The image-level evaluation shown in the card (figures, CI, TTA, aggregation).
@@ -79,8 +79,26 @@ def save_for_hub(
     Returns:
         `output_dir` as a `Path`.
     """
+    from ..training.finalize import final_files  # lazily: `import hf_histo` does not load Trainer
+
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    with final_files(output_dir) as staging:
+        _write_hub_files(model, staging, image_processor, result, training_args, data_info, plots, repo_id, license)
+    return output_dir
+
+
+def _write_hub_files(
+    model: Any,
+    output_dir: Path,
+    image_processor: Any,
+    result: ImageLevelResult | None,
+    training_args: Any | None,
+    data_info: Mapping[str, Any] | None,
+    plots: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike] | None,
+    repo_id: str | None,
+    license: str | None,
+) -> None:
+    """What `save_for_hub` writes, straight into `output_dir` (a staging folder)."""
     set_remote_code_config(model.config, model)
     model.save_pretrained(output_dir, safe_serialization=True)
     make_image_processor(image_processor).save_pretrained(output_dir)
@@ -99,7 +117,6 @@ def save_for_hub(
         repo_id=repo_id,
         license=license,
     )
-    return output_dir
 
 
 def save_run(
@@ -113,10 +130,11 @@ def save_run(
     """Write a finished run's model as a Hub-ready folder and upload it when the run asked for `--push_to_hub`.
 
     Called by every recipe after `finalize_run(..., save_model=False)`: the final model (unwrapped, LoRA merged)
-    goes through `save_for_hub` with the run's result, hyperparameters, data facts and plots
-    (`confusion_matrix.png`, `training_curves.png`), on the main process only. With `--push_to_hub` the folder is
-    then uploaded once by `push_folder_to_hub` (rank 0) to `--hub_model_id`; Trainer's own checkpoint pushing stays
-    off (`HistoTrainingArguments` moves the flag to `push_final_to_hub`).
+    is written as by `save_for_hub`, with the run's result, hyperparameters, data facts and plots
+    (`confusion_matrix.png`, `training_curves.png`), on the main process only, next to the files `finalize_run`
+    staged; then all of them are published at once. With `--push_to_hub` the folder is then uploaded once by
+    `push_folder_to_hub` (rank 0) to `--hub_model_id`; Trainer's own checkpoint pushing stays off
+    (`HistoTrainingArguments` moves the flag to `push_final_to_hub`).
 
     Args:
         trainer: The trained `HistoTrainer`.
@@ -132,6 +150,7 @@ def save_run(
     Raises:
         HubUnavailableError: `--push_to_hub` was given but the Hub cannot be reached; the folder is complete on disk.
     """
+    from ..training.finalize import final_files
     from ..training.trainer import final_model
 
     args = trainer.args
@@ -139,19 +158,20 @@ def save_run(
     repo_id = getattr(args, "hub_model_id", None)
     model = final_model(trainer)
     if trainer.is_world_process_zero():
-        save_for_hub(
-            model,
-            output_dir,
-            image_processor=trainer.processing_class,
-            result=result,
-            training_args=args,
-            data_info=data_info if data_info is not None else run_data_info(trainer.train_dataset, run),
-            plots=[
-                p for p in (output_dir / "confusion_matrix.png", output_dir / "training_curves.png") if p.is_file()
-            ],
-            repo_id=repo_id,
-            license=license,
-        )
+        # Into the staging folder where finalize_run(save_model=False) left metrics, splits and plots: all are
+        # published together.
+        with final_files(output_dir) as staging:
+            _write_hub_files(
+                model,
+                staging,
+                trainer.processing_class,
+                result,
+                args,
+                data_info if data_info is not None else run_data_info(trainer.train_dataset, run),
+                [p for p in (staging / "confusion_matrix.png", staging / "training_curves.png") if p.is_file()],
+                repo_id,
+                license,
+            )
     trainer.accelerator.wait_for_everyone()
     if getattr(args, "push_final_to_hub", False):
         push_folder_to_hub(
