@@ -5,7 +5,10 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import urllib.error
+import urllib.request
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -125,20 +128,44 @@ def open_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found.")
+    return _decode(path, str(path), max_pixels)
+
+
+def _decode(source: Path | io.BytesIO, name: str, max_pixels: int | None) -> Image.Image:
+    """Fully decode an image file (or downloaded bytes) under the pixel limit; errors name ``name``."""
     with pixel_limit(max_pixels) as limit:
         try:
-            with Image.open(path) as im:
+            with Image.open(source) as im:
                 im.load()
                 return im.copy()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise DataError(
-                f"{path}: the image is larger than the decompression-bomb limit of {limit} pixels; "
+                f"{name}: the image is larger than the decompression-bomb limit of {limit} pixels; "
                 "if you trust it, raise the limit with --max_image_pixels N (or max_pixels=N)."
             ) from e
         except UnidentifiedImageError as e:
-            raise DataError(f"{path}: not an image file PIL can read; replace or remove it.") from e
+            raise DataError(f"{name}: not an image file PIL can read; replace or remove it.") from e
         except (OSError, SyntaxError, ValueError) as e:
-            raise DataError(f"{path}: truncated or corrupt image ({e}); re-export or remove it.") from e
+            raise DataError(f"{name}: truncated or corrupt image ({e}); re-export or remove it.") from e
+
+
+def download_image(url: str, max_pixels: int | None = None, timeout: float | None = None) -> Image.Image:
+    """Download and decode an ``http(s)://`` image (the same decode as a file).
+
+    Raises:
+        DataError: The download failed (the message names the URL and the reason) or the bytes are not an image
+            PIL can read under the pixel limit.
+    """
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # http(s) only: load_rgb checks the scheme
+            data = response.read()
+    except (OSError, ValueError) as e:  # URLError, HTTPError, timeouts and malformed addresses
+        reason = f"HTTP {e.code} {e.reason}" if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", e)
+        raise DataError(
+            f"{url}: the image could not be downloaded ({reason}); check the address and the network, or download "
+            "it and pass the file."
+        ) from e
+    return _decode(io.BytesIO(data), url, max_pixels)
 
 
 def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.Image:
@@ -146,21 +173,38 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.
     return to_rgb(open_image(path, max_pixels), str(path))
 
 
-def load_rgb(source: Any, max_pixels: int | None = None, timeout: float | None = None) -> Image.Image:
+def load_rgb(
+    source: Any, max_pixels: int | None = None, timeout: float | None = None, name: str | None = None
+) -> Image.Image:
     """8-bit RGB of an image given as a path, URL, PIL image, numpy array or tensor: the one entry point.
 
+    ``name`` names an in-memory image (array, PIL image without a file name) in errors; paths and URLs name
+    themselves.
+
     Raises:
-        DataError: Missing or unreadable file, odd array shape or values; the message names the input.
+        DataError: Missing, unreadable or empty image (no pixels), failed download, odd array shape or values; the
+            message names the input.
         TypeError: An input of another type.
     """
     if isinstance(source, Image.Image):
-        return to_rgb(source)
-    if isinstance(source, str) and source.startswith(("http://", "https://")):
-        from transformers.image_utils import load_image as load_url
-
-        return to_rgb(load_url(source, timeout=timeout), source)
-    if isinstance(source, (str, os.PathLike)):
-        return load_image(source, max_pixels)
-    if isinstance(source, np.ndarray) or hasattr(source, "detach"):
-        return array_to_rgb(source)
-    raise TypeError(f"unsupported image input of type {type(source).__name__}; pass a path, PIL image or array")
+        name = getattr(source, "filename", None) or name or "image"
+        try:
+            image = to_rgb(source, name)
+        except OSError as e:  # a lazily opened image that fails to decode
+            raise DataError(f"{name}: truncated or corrupt image ({e}); re-export or remove it.") from e
+    elif isinstance(source, str) and source.startswith(("http://", "https://")):
+        name = source
+        image = to_rgb(download_image(source, max_pixels, timeout), source)
+    elif isinstance(source, (str, os.PathLike)):
+        name = os.fspath(source)
+        image = load_image(source, max_pixels)
+    elif isinstance(source, np.ndarray) or hasattr(source, "detach"):
+        name = name or "image"
+        image = array_to_rgb(source, name)
+    else:
+        raise TypeError(f"unsupported image input of type {type(source).__name__}; pass a path, PIL image or array")
+    if 0 in image.size:
+        raise DataError(
+            f"{name}: the image is empty ({image.width}x{image.height} pixels); pass an image with pixels."
+        )
+    return image

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.images import load_rgb
+from ..data.images import DataError, load_rgb
 from ..data.masks import resolve_mask
 from ..data.patching import PatchBox, PatchingConfig, crop_patch
 from ..models.aggregation import AGGREGATIONS, aggregate
@@ -26,6 +26,9 @@ DEFAULT_BATCH_SIZE = 32
 # Values of `ImagePrediction.fallback` (None when the image was patched normally).
 FALLBACK_BEST_TILE = "best_tile"  # no patch passed the strategy's filters: the best single tile (as in training)
 MASK_FALLBACKS = ("empty_mask_tissue", "empty_mask_whole", "whole")  # resolve_mask sources other than a real mask
+# What a bad input raises while it is decoded and patched (DataError is a ValueError); anything else is a bug or the
+# model's, and stops the run.
+ITEM_ERRORS = (ValueError, TypeError)
 
 
 def check_tta(mode: str) -> str:
@@ -40,6 +43,18 @@ def check_aggregation(method: str) -> str:
     if method not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {method!r}; choose one of {list(AGGREGATIONS)}")
     return method
+
+
+def item_error(error: Exception, name: str | None) -> DataError:
+    """The error of one input as a `DataError` whose message names the input (prefixed when it does not already)."""
+    message = str(error)
+    if name and name not in message:
+        message = f"{name}: {message}"
+    if isinstance(error, DataError) and message == str(error):
+        return error
+    wrapped = DataError(message)
+    wrapped.__cause__ = error
+    return wrapped
 
 
 def tta_views(pixel_values: torch.Tensor, mode: str = "none") -> list[torch.Tensor]:
@@ -179,9 +194,9 @@ class InferenceEngine:
         return next(self.model.parameters()).device
 
     # ---- stages ----------------------------------------------------------------------------------------------------
-    def decode(self, image: Any, timeout: float | None = None) -> Image.Image:
-        """8-bit RGB of a path, URL, PIL image or array (``hf_histo.data.images.load_rgb``)."""
-        return load_rgb(image, self.max_image_pixels, timeout)
+    def decode(self, image: Any, timeout: float | None = None, name: str | None = None) -> Image.Image:
+        """8-bit RGB of a path, URL, PIL image or array (``hf_histo.data.images.load_rgb``; ``name`` in errors)."""
+        return load_rgb(image, self.max_image_pixels, timeout, name)
 
     def patch(self, image: Image.Image, mask: Any = None, resize_mask: bool = False, name: str | None = None):
         """Resolve the mask (tissue detection without one) and select the patch boxes, as the builder does.
@@ -190,7 +205,12 @@ class InferenceEngine:
             A `PatchedImage`.
         """
         mask_array, mask_source = resolve_mask(
-            image, mask, self.patching.empty_fallback, resize=resize_mask, image_path=name
+            image,
+            mask,
+            self.patching.empty_fallback,
+            resize=resize_mask,
+            image_path=name,
+            max_pixels=self.max_image_pixels,
         )
         boxes, fell_back = self.patching.boxes_with_fallback(mask_array)
         fallback = FALLBACK_BEST_TILE if fell_back else (mask_source if mask_source in MASK_FALLBACKS else None)
@@ -273,11 +293,22 @@ class InferenceEngine:
         resize_mask: bool = False,
         aggregation: str | None = None,
         tta: str | None = None,
-    ) -> Iterator[ImagePrediction]:
-        """Predict ``(image, mask, image_id)`` items in order; patches of consecutive images share forward batches."""
+        return_errors: bool = False,
+    ) -> Iterator[ImagePrediction | DataError]:
+        """Predict ``(image, mask, image_id)`` items in order; patches of consecutive images share forward batches.
+
+        Args:
+            items: Images (path, URL, PIL image or array), their masks (or None) and ids (or None).
+            resize_mask: Resize masks whose size differs from their image instead of failing.
+            aggregation: Override of the engine's aggregation.
+            tta: Override of the engine's TTA.
+            return_errors: Yield a bad item's `DataError` (its message names the input) in its place and go on
+                with the others, as ``asyncio.gather(return_exceptions=True)`` does; otherwise raise it.
+        """
         tta = check_tta(tta or self.tta)
         aggregation = check_aggregation(aggregation or self.aggregation)
-        pending: list[tuple[PatchedImage, str | None, list[np.ndarray]]] = []  # images in order, rows filled in
+        # Images in order: (patched image, id, patch rows filled in by the forwards) or the error of a bad item.
+        pending: list[tuple[PatchedImage, str | None, list[np.ndarray]] | DataError] = []
         queue: list[tuple[list[np.ndarray], Image.Image]] = []  # crops waiting for a forward, with their image's rows
 
         def flush() -> None:
@@ -287,14 +318,25 @@ class InferenceEngine:
                     rows.append(row)
                 queue.clear()
 
-        def finished() -> Iterator[ImagePrediction]:
-            while pending and len(pending[0][2]) == len(pending[0][0].boxes):
-                patched, image_id, rows = pending.pop(0)
-                yield self.prediction(patched, np.stack(rows), image_id, aggregation, tta)
+        def finished() -> Iterator[ImagePrediction | DataError]:
+            while pending and (isinstance(pending[0], DataError) or len(pending[0][2]) == len(pending[0][0].boxes)):
+                done = pending.pop(0)
+                if isinstance(done, DataError):
+                    yield done
+                else:
+                    patched, image_id, rows = done
+                    yield self.prediction(patched, np.stack(rows), image_id, aggregation, tta)
 
         for image, mask, image_id in items:
             name = os.fspath(image) if isinstance(image, (str, os.PathLike)) else image_id
-            patched = self.patch(self.decode(image), mask, resize_mask, name)
+            try:
+                patched = self.patch(self.decode(image, name=name), mask, resize_mask, name)
+            except ITEM_ERRORS as e:
+                if not return_errors:
+                    raise
+                pending.append(item_error(e, name))
+                yield from finished()
+                continue
             rows: list[np.ndarray] = []
             pending.append((patched, image_id, rows))
             for crop in self.crops(patched):

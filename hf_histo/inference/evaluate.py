@@ -10,9 +10,10 @@ from tqdm.auto import tqdm
 
 from ..data.images import DataError
 from ..data.sources import Sample, read_samples
-from .engine import InferenceEngine
-from .loading import ModelSource, load_engine
+from .engine import ITEM_ERRORS, InferenceEngine
+from .loading import ModelSource, check_output_file, load_engine
 from .plots import plot_confusion_matrix
+from .predict import check_on_error, log_failures, with_skip_hint
 from .results import ImageLevelResult
 
 
@@ -24,6 +25,8 @@ def evaluate_samples(
     n_bootstrap: int = 1000,
     seed: int = 0,
     progress: bool = False,
+    on_error: str = "raise",
+    resize_masks: bool = False,
 ) -> ImageLevelResult:
     """Predict every sample (image + mask, tissue detection without one) and score the labelled ones.
 
@@ -34,10 +37,27 @@ def evaluate_samples(
         n_bootstrap: Resamples of the macro-F1 confidence interval.
         seed: Seed of the resampling.
         progress: Show a progress bar.
+        on_error: ``"raise"`` stops at the first bad image; ``"skip"`` scores the others and logs the failures.
+        resize_masks: Resize masks whose size differs from their image instead of failing.
 
     Raises:
         DataError: No image, a label unknown to the model, or an unreadable file (the message names it).
     """
+    return _evaluate(engine, samples, split, n_bootstrap, seed, progress, on_error, resize_masks)[0]
+
+
+def _evaluate(
+    engine: InferenceEngine,
+    samples: Sequence[Sample],
+    split: str,
+    n_bootstrap: int,
+    seed: int,
+    progress: bool,
+    on_error: str,
+    resize_masks: bool,
+) -> tuple[ImageLevelResult, list[tuple[str, str]]]:
+    """`evaluate_samples`, and the ``(file, error)`` of each image that failed with ``on_error="skip"``."""
+    check_on_error(on_error)
     if not samples:
         raise DataError("no images to evaluate")
     index = {name: i for i, name in enumerate(engine.labels)}
@@ -48,16 +68,27 @@ def evaluate_samples(
             "model's classes"
         )
     items = ((s.image_path, s.mask_path, s.image_id) for s in samples)
-    bar = tqdm(total=len(samples), desc="evaluate", unit="image", disable=not progress)
-    predictions = []
-    for prediction in engine.predict_many(items):
-        predictions.append(prediction)
-        bar.update()
-    bar.close()
-    y_true = [index[s.label] if s.label is not None else -1 for s in samples]
-    return ImageLevelResult.from_image_predictions(
+    results = engine.predict_many(items, resize_mask=resize_masks, return_errors=on_error == "skip")
+    predictions, y_true, failed = [], [], []
+    with tqdm(total=len(samples), desc="evaluate", unit="image", disable=not progress) as bar:
+        for sample in samples:
+            try:
+                result = next(results)
+            except ITEM_ERRORS as e:  # the engine reads ahead: the message names the file, not `sample`
+                raise with_skip_hint(e, None, "in the metrics JSON's failed list") from e
+            bar.update()
+            if isinstance(result, DataError):
+                failed.append((str(sample.image_path), str(result)))
+            else:
+                predictions.append(result)
+                y_true.append(index[sample.label] if sample.label is not None else -1)
+    if not predictions:
+        raise DataError(f"every image failed, e.g. {failed[0][1]}")
+    log_failures(failed, len(samples), "left out of the metrics")
+    result = ImageLevelResult.from_image_predictions(
         predictions, y_true, split=split, n_bootstrap=n_bootstrap, seed=seed
     )
+    return result, failed
 
 
 def evaluate_model(
@@ -72,16 +103,21 @@ def evaluate_model(
     device: str | None = None,
     n_bootstrap: int = 1000,
     progress: bool = True,
+    on_error: str = "raise",
+    resize_masks: bool = False,
+    max_image_pixels: int | None = None,
 ) -> ImageLevelResult:
     """Score a model on every labelled image of a folder (``hf-histo evaluate``).
 
     Patches are cut, classified and aggregated by the inference engine with the model's own patching, TTA and
-    aggregation (unless overridden), exactly as the pipeline and the end-of-training evaluation do.
+    aggregation (unless overridden), exactly as the pipeline and the end-of-training evaluation do. The output
+    path is checked before any work.
 
     Args:
         model: A trained model folder, a cross-validation root (its ``fold_*`` models are ensembled), or a list.
         data: A labelled folder in any layout (or a clean manifest CSV).
         out_path: JSON to write (atomically; also ``<stem>_confusion_matrix.png`` next to it); None: do not write.
+            Its ``failed`` list holds ``{"file", "error"}`` of every image or data row left out (``on_error="skip"``).
         layout: Force the folder layout.
         batch_size: Patches per forward pass.
         aggregation: ``"soft"``, ``"hard"`` or ``"mask_weighted"`` (default: the model's).
@@ -89,21 +125,44 @@ def evaluate_model(
         device: Device (default: CUDA when available).
         n_bootstrap: Resamples of the macro-F1 confidence interval.
         progress: Show a progress bar.
+        on_error: ``"raise"`` stops at the first bad image or data row; ``"skip"`` scores the others (the metrics
+            then cover fewer images: the failures are logged and listed in the JSON).
+        resize_masks: Resize masks whose size differs from their image instead of failing.
+        max_image_pixels: Raise PIL's decompression-bomb limit for trusted large images.
 
     Raises:
-        DataError: The folder has no labelled image, or labels the model does not know.
+        DataError: The folder has no labelled image, labels the model does not know, a bad image (with
+            ``on_error="raise"``), or an output path that cannot be written.
     """
     start = time.perf_counter()
-    engine = load_engine(model, device=device, batch_size=batch_size, aggregation=aggregation, tta=tta)
-    sample_set = read_samples(data, layout=layout)
+    check_on_error(on_error)
+    if out_path is not None:
+        out_path = check_output_file(out_path, "metrics.json")
+    engine = load_engine(
+        model,
+        device=device,
+        batch_size=batch_size,
+        aggregation=aggregation,
+        tta=tta,
+        max_image_pixels=max_image_pixels,
+    )
+    sample_set = read_samples(data, layout=layout, on_error=on_error)
     labelled = [s for s in sample_set.samples if s.label is not None]
     if not labelled:
         raise DataError(f"{data}: no labelled images to evaluate (found {len(sample_set.samples)} unlabelled)")
-    result = evaluate_samples(engine, labelled, split=Path(str(data)).name, n_bootstrap=n_bootstrap, progress=progress)
+    result, failed = _evaluate(
+        engine, labelled, Path(str(data)).name, n_bootstrap, 0, progress, on_error, resize_masks
+    )
+    log_failures(sample_set.skipped, len(sample_set.samples) + len(sample_set.skipped), "data rows left out")
     if out_path is not None:
-        out_path = Path(out_path)
         source = [str(p) for p in model] if isinstance(model, (list, tuple)) else str(model)
-        result.save(out_path, model=source, data=str(data), seconds=round(time.perf_counter() - start, 2))
+        result.save(
+            out_path,
+            model=source,
+            data=str(data),
+            seconds=round(time.perf_counter() - start, 2),
+            failed=[{"file": file, "error": error} for file, error in [*sample_set.skipped, *failed]],
+        )
         plot_confusion_matrix(
             result.metrics["confusion_matrix"],
             result.labels,

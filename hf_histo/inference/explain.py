@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..utils import atomic_savefig
-from .engine import InferenceEngine
+from .engine import InferenceEngine, item_error
 from .loading import ModelSource, load_engine
 
 METHODS = ("auto", "rollout", "gradcam")
@@ -292,8 +292,11 @@ def explain_folder(
     batch_size: int = 32,
     device: str | None = None,
     progress: bool = True,
+    on_error: str = "raise",
+    resize_masks: bool = False,
+    max_image_pixels: int | None = None,
 ) -> list[Path]:
-    """Write one explanation PNG per image of a data folder (`hf-histo explain`).
+    """Write one explanation PNG per image of a data folder (`hf-histo explain`); the output folder is checked first.
 
     Args:
         model_dir: A checkpoint folder (or Hub id) saved by hf-histo.
@@ -305,32 +308,60 @@ def explain_folder(
         batch_size: Patches per forward pass.
         device: Torch device or index.
         progress: Show a progress bar.
+        on_error: `"raise"` stops at the first bad image; `"skip"` goes on and logs the failures in one warning.
+        resize_masks: Resize masks whose size differs from their image instead of failing.
+        max_image_pixels: Raise PIL's decompression-bomb limit for trusted large images.
 
     Returns:
-        The PNG paths, in sample order.
+        The PNG paths written, in sample order.
+
+    Raises:
+        DataError: A bad image (with `on_error="raise"`, naming it) or an output folder that cannot be used.
     """
     from tqdm.auto import tqdm
 
+    from ..data.masks import load_mask
     from ..data.sources import read_samples
+    from .engine import ITEM_ERRORS
+    from .loading import check_output_folder
+    from .predict import check_on_error, log_failures, with_skip_hint
 
-    samples = read_samples(data_dir, layout=layout).samples
+    check_on_error(on_error)
+    out_dir = check_output_folder(out_dir)
+    samples = read_samples(data_dir, layout=layout, on_error=on_error).samples
     if max_images is not None:
         samples = samples[: max(0, int(max_images))]
-    engine = load_engine(model_dir, device=device, batch_size=batch_size)
-    out_dir = Path(out_dir)
+    engine = load_engine(model_dir, device=device, batch_size=batch_size, max_image_pixels=max_image_pixels)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
+    paths, failed = [], []
     for sample in tqdm(samples, desc="explain", unit="image", disable=not progress):
-        paths.append(
-            explain_image(
+        name = str(sample.image_path)
+        try:
+            image = engine.decode(sample.image_path)  # decoded once; the mask is sized (or resized) to it here
+            mask = None
+            if sample.mask_path is not None:
+                mask = load_mask(
+                    sample.mask_path,
+                    image.size,
+                    resize=resize_masks,
+                    image_path=name,
+                    max_pixels=engine.max_image_pixels,
+                )
+            path = explain_image(
                 engine,
-                sample.image_path,
-                sample.mask_path,
+                image,
+                mask,
                 out_path=out_dir / f"{sample.image_id}.png",
                 title=sample.image_path.name,
                 true_label=sample.label,
                 method=method,
                 batch_size=batch_size,
             )
-        )
+        except ITEM_ERRORS as e:
+            if on_error == "raise":
+                raise with_skip_hint(e, name, "in a warning") from e
+            failed.append((name, str(item_error(e, name))))
+            continue
+        paths.append(path)
+    log_failures(failed, len(samples), f"no PNG in {out_dir}")
     return paths

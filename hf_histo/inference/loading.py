@@ -1,4 +1,4 @@
-"""Load a trained model folder (or a cross-validation root as a fold ensemble) into an `InferenceEngine`."""
+"""Load a trained model folder (or a CV root as a fold ensemble) into an `InferenceEngine`; check paths before work."""
 
 from __future__ import annotations
 
@@ -7,11 +7,80 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
+from ..data.images import DataError
 from ..models.ensemble import FoldEnsemble
 from .engine import DEFAULT_BATCH_SIZE, InferenceEngine
 
 ModelSource = str | os.PathLike | Sequence[str | os.PathLike]
+
+
+def _is_local_path(value: str) -> bool:
+    """Whether a model value can only name a local folder: it is no valid Hub id, or its first part exists here."""
+    try:
+        validate_repo_id(value)
+    except HFValidationError:  # `./x`, `/x`, `~/x`, `a/b/c`, `a\\b`, ...
+        return True
+    return "/" in value and os.path.isdir(value.split("/", 1)[0])  # `runs/phikon` next to a `runs/` folder
+
+
+def check_model_source(model: ModelSource) -> None:
+    """Raise at once when a model value names a local folder that does not exist, instead of asking the Hub.
+
+    A `Path`, an entry of a list of fold folders, or a string that is no valid Hub id (or whose first part is a
+    local folder) names a local folder.
+
+    Raises:
+        FileNotFoundError: Such a folder does not exist.
+    """
+    single = isinstance(model, (str, os.PathLike))
+    for value in [model] if single else list(model):
+        text = os.fspath(value)
+        local = not single or isinstance(value, os.PathLike) or _is_local_path(text)
+        if local and not Path(text).expanduser().exists():
+            raise FileNotFoundError(
+                f"{text}: no such model folder; pass the folder a recipe wrote (it holds config.json), or a Hub id "
+                "such as owner/name."
+            )
+
+
+def check_output_file(path: str | os.PathLike, example: str = "out.csv") -> Path:
+    """Raise now, before any work, when ``path`` cannot be written as a file: a folder, or below a file.
+
+    Raises:
+        DataError: The path (or one of its parents) is unusable; the message names it.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory; pass a file path (e.g. {path / example}).")
+    _check_creatable(path.parent)
+    return path
+
+
+def check_output_folder(path: str | os.PathLike) -> Path:
+    """Raise now, before any work, when ``path`` cannot be used as an output folder (an existing file, ...).
+
+    Raises:
+        DataError: The path (or one of its parents) is unusable; the message names it.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DataError(f"{path}: is a file; pass a folder for the outputs.")
+    _check_creatable(path)
+    return path
+
+
+def _check_creatable(folder: Path) -> None:
+    """The nearest existing ancestor of ``folder`` (or ``folder`` itself) must be a writable folder."""
+    for parent in (folder, *folder.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise DataError(f"{parent}: is a file, not a folder; {folder} cannot be created there.")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise DataError(f"{parent}: no permission to write there; choose another output path.")
+            return
 
 
 def _fold_dirs(source: ModelSource) -> list[Path] | None:
@@ -34,6 +103,7 @@ def load_engine(
     batch_size: int = DEFAULT_BATCH_SIZE,
     aggregation: str | None = None,
     tta: str | None = None,
+    max_image_pixels: int | None = None,
 ) -> InferenceEngine:
     """The inference engine of a trained hf-histo model folder, Hub id, CV root (fold ensemble) or list of folders.
 
@@ -44,12 +114,17 @@ def load_engine(
         batch_size: Patches per forward pass.
         aggregation: Override of the model's aggregation.
         tta: Override of the model's TTA (``none``, ``flips``, ``d4``).
+        max_image_pixels: Raise PIL's decompression-bomb limit for trusted large images.
 
     Raises:
-        FileNotFoundError: A folder that holds no model.
+        FileNotFoundError: A folder that holds no model, or a path-like value that does not exist (raised before
+            anything is downloaded).
     """
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
+    check_model_source(model)
+    if isinstance(model, str) and model.startswith("~"):
+        model = os.path.expanduser(model)
     folds = _fold_dirs(model)
     if folds is None:
         if isinstance(model, (str, os.PathLike)) and os.path.exists(model) and not Path(model).is_dir():
@@ -64,4 +139,11 @@ def load_engine(
         network = FoldEnsemble.from_pretrained(folds)
     processor = AutoImageProcessor.from_pretrained(first)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return InferenceEngine(network.to(device), processor, aggregation=aggregation, tta=tta, batch_size=batch_size)
+    return InferenceEngine(
+        network.to(device),
+        processor,
+        aggregation=aggregation,
+        tta=tta,
+        batch_size=batch_size,
+        max_image_pixels=max_image_pixels,
+    )

@@ -13,7 +13,15 @@ from transformers import AutoModelForImageClassification, Pipeline
 from transformers import pipeline as hf_pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .engine import DEFAULT_BATCH_SIZE, ImagePrediction, InferenceEngine, check_aggregation, check_tta
+from .engine import (
+    DEFAULT_BATCH_SIZE,
+    ITEM_ERRORS,
+    ImagePrediction,
+    InferenceEngine,
+    check_aggregation,
+    check_tta,
+    item_error,
+)
 
 TASK = "histo-image-classification"
 DEFAULT_TOP_K = 5
@@ -36,7 +44,8 @@ class HistoImageClassificationPipeline(Pipeline):
 
     Call arguments:
         inputs: An image (path, URL, PIL image, HWC/CHW array), a dict `{"image": ..., "mask": ...}`, or a list of
-            those (a list gives a list of results).
+            those (a list gives a list of results; an image that cannot be read or patched gets `{"error": message}`
+            in its place, the message naming the file or `image <position>`, and the others are still classified).
         mask: The region-of-interest mask of the image (path, PIL or array; same size as the image; any non-zero
             value is the region), or a list of masks (one per image, `None` for none) when `inputs` is a list. No
             mask -> tissue detection.
@@ -58,6 +67,7 @@ class HistoImageClassificationPipeline(Pipeline):
         With `return_patches=True`: a dict `{"predictions": that list, "patches": [{"box": [x, y, w, h],
         "foreground": fraction, "probs": {label: p}}], "mask_source": "mask" | "tissue" | ...,
         "aggregation": method, "tta": mode, "fallback": str | None}`.
+        In a list result, `{"error": message}` stands for an image that could not be read or patched.
     """
 
     _load_processor = False
@@ -87,12 +97,11 @@ class HistoImageClassificationPipeline(Pipeline):
         if batch_size is not None:
             kwargs["patch_batch_size"] = batch_size
         if isinstance(inputs, (list, tuple)):
-            if mask is not None:
-                if not isinstance(mask, (list, tuple)) or len(mask) != len(inputs):
-                    raise ValueError("with a list of images, mask= must be a list with one mask (or None) per image")
-                inputs = [_as_item(image, m) for image, m in zip(inputs, mask)]
-            else:
-                inputs = [_as_item(image, None) for image in inputs]
+            if mask is None:
+                mask = [None] * len(inputs)
+            elif not isinstance(mask, (list, tuple)) or len(mask) != len(inputs):
+                raise ValueError("with a list of images, mask= must be a list with one mask (or None) per image")
+            inputs = [_as_item(image, m, position) for position, (image, m) in enumerate(zip(inputs, mask))]
         else:
             inputs = _as_item(inputs, mask)
         return super().__call__(inputs, batch_size=1, **kwargs)
@@ -129,13 +138,26 @@ class HistoImageClassificationPipeline(Pipeline):
         return preprocess_params, forward_params, postprocess_params
 
     def preprocess(self, item: dict, resize_mask: bool = False, timeout: float | None = None) -> dict:
-        """Decode the image (the builder's decode), resolve its mask and select the patch boxes."""
+        """Decode the image (the builder's decode), resolve its mask and select the patch boxes.
+
+        An item of a list that cannot be read or patched becomes ``{"error": DataError}`` (a single image raises).
+        """
         source = item["image"]
+        position = item.get("position")
         name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else None
-        patched = self.engine.patch(self.engine.decode(source, timeout), item.get("mask"), resize_mask, name)
+        if name is None and position is not None:
+            name = f"image {position}"
+        try:
+            patched = self.engine.patch(self.engine.decode(source, timeout, name), item.get("mask"), resize_mask, name)
+        except ITEM_ERRORS as e:
+            if position is None:
+                raise
+            return {"error": item_error(e, name)}
         return {"patched": patched}
 
     def _forward(self, model_inputs: dict, patch_batch_size: int | None = None, tta: str | None = None) -> dict:
+        if "error" in model_inputs:
+            return model_inputs
         tta = tta or self.engine.tta
         probs = self.engine.patch_probs(model_inputs["patched"], tta, patch_batch_size)
         return {"patched": model_inputs["patched"], "probs": probs, "tta": tta}
@@ -148,6 +170,8 @@ class HistoImageClassificationPipeline(Pipeline):
         return_patches: bool = False,
     ) -> list[dict] | dict:
         """Aggregate the patch probabilities into the sorted image-level `[{"label", "score"}]`."""
+        if "error" in model_outputs:
+            return {"error": str(model_outputs["error"])}
         prediction = self.engine.prediction(
             model_outputs["patched"], model_outputs["probs"], aggregation=aggregation, tta=model_outputs["tta"]
         )
@@ -180,12 +204,13 @@ def format_prediction(prediction: ImagePrediction, top_k: int = DEFAULT_TOP_K, r
     }
 
 
-def _as_item(image: Any, mask: Any) -> dict:
+def _as_item(image: Any, mask: Any, position: int | None = None) -> dict:
+    """The pipeline's item of one input; ``position`` (in a list input) makes a bad image an error entry."""
     if isinstance(image, dict):
         if "image" not in image:
             raise ValueError('a dict input needs an "image" key (and optionally "mask")')
-        return {"image": image["image"], "mask": image.get("mask", mask)}
-    return {"image": image, "mask": mask}
+        image, mask = image["image"], image.get("mask", mask)
+    return {"image": image, "mask": mask, "position": position}
 
 
 # ---- registration and loading ---------------------------------------------------------------------------------------

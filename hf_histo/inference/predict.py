@@ -4,15 +4,43 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
-from ..data.sources import Sample, read_samples
-from ..utils import atomic_write_text
-from .loading import ModelSource, load_engine
+from ..data.images import DataError
+from ..data.sources import OnError, Sample, read_samples
+from ..utils import atomic_write_text, csv_safe
+from .engine import ITEM_ERRORS, item_error
+from .loading import ModelSource, check_output_file, load_engine
+
+logger = logging.getLogger("hf_histo.inference")  # predict, evaluate and explain report failures here
 
 SUBMISSION_COLUMNS = ("sample_index", "label")
+ERROR_COLUMN = "error"
+SKIP_HINT = "pass --on_error skip (on_error='skip') to go on with the other images and list this one"
+
+
+def check_on_error(on_error: str) -> OnError:
+    """Return ``on_error`` if it is ``"raise"`` or ``"skip"``; raise a clear error otherwise."""
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    return on_error  # type: ignore[return-value]
+
+
+def with_skip_hint(error: Exception, name: str | None, where: str) -> DataError:
+    """A bad image's error (naming it) that also says how to keep going: `--on_error skip` and where it is listed."""
+    error = item_error(error, name)
+    return DataError(f"{str(error).rstrip('.')}; or {SKIP_HINT} {where}.")
+
+
+def log_failures(failed: Sequence[tuple[str, str]], total: int, where: str) -> None:
+    """One warning: how many images failed, where they are listed, and each file with its reason."""
+    if failed:
+        lines = [reason if name in reason else f"{name}: {reason}" for name, reason in failed]
+        logger.warning("%d of %d images failed (%s):\n  %s", len(failed), total, where, "\n  ".join(lines))
 
 
 def _sample_names(samples: list[Sample], root: Path) -> list[str]:
@@ -44,18 +72,22 @@ def predict_folder(
     device: str | None = None,
     progress: bool = True,
     resize_masks: bool = False,
+    max_image_pixels: int | None = None,
+    on_error: str = "raise",
 ) -> Path:
     """Classify every image of a folder and write the challenge's submission CSV.
 
     All images are predicted, labelled or not (train and test samples alike), each patched with its mask when the
     data has one and with tissue detection otherwise, by the inference engine `pipeline("histo-image-classification")`
-    runs on.
+    runs on. The output path is checked before any work.
 
     Args:
         model_dir: Checkpoint folder (or Hub id) saved by hf-histo, or a cross-validation root (fold ensemble).
         data_dir: Data folder in any layout `read_samples` knows, or a clean manifest CSV.
         out_csv: CSV to write (atomically): `sample_index,label`, one row per image in image-id order;
-            `sample_index` is the image's file name as in the data.
+            `sample_index` is the image's file name as in the data. With `on_error="skip"` and a failed image, an
+            `error` column says why (empty for the images that were predicted; their label is empty). Cells a
+            spreadsheet would run as a formula get a leading `'`, except the challenge layout's `sample_index`.
         layout: Force the data layout; detected when None.
         probs: Add one probability column per class, named by the label, in the model's class order.
         batch_size: Patches per forward pass.
@@ -64,31 +96,62 @@ def predict_folder(
         device: Torch device (e.g. `"cuda"`); CUDA when available.
         progress: Show a progress bar.
         resize_masks: Resize masks whose size differs from their image instead of failing.
+        max_image_pixels: Raise PIL's decompression-bomb limit for trusted large images.
+        on_error: `"raise"` stops at the first bad image (nothing is written); `"skip"` goes on, gives the bad image
+            a row with its `error`, leaves unreadable data rows out, and logs every failure in one warning.
 
     Returns:
         `out_csv` as a `Path`.
 
     Raises:
-        DataError: A data problem, naming the file (unreadable image, mask of the wrong size, ...).
+        DataError: A data problem, naming the file (unreadable image, mask of the wrong size, ...), or an output
+            path that cannot be written.
     """
     from tqdm.auto import tqdm
 
-    sample_set = read_samples(data_dir, layout=layout)
+    check_on_error(on_error)
+    out_csv = check_output_file(out_csv, "submission.csv")
+    sample_set = read_samples(data_dir, layout=layout, on_error=on_error)
     samples = sample_set.samples
-    engine = load_engine(model_dir, device=device, batch_size=batch_size, aggregation=aggregation, tta=tta)
+    engine = load_engine(
+        model_dir,
+        device=device,
+        batch_size=batch_size,
+        aggregation=aggregation,
+        tta=tta,
+        max_image_pixels=max_image_pixels,
+    )
     labels = engine.labels
     names = _sample_names(samples, sample_set.root)
+    ids_as_given = sample_set.layout == "challenge"  # the challenge's sample_index cells are the grader's ids
+
+    rows, failed = [], []
+    items = ((s.image_path, s.mask_path, s.image_id) for s in samples)
+    results = engine.predict_many(items, resize_mask=resize_masks, return_errors=on_error == "skip")
+    bar = tqdm(total=len(samples), desc="predict", unit="image", disable=not progress)
+    try:
+        for name in names:
+            try:
+                result = next(results)
+            except ITEM_ERRORS as e:  # the engine reads ahead: the message names the file, not `sample`
+                raise with_skip_hint(e, None, "in the CSV's error column") from e
+            bar.update()
+            if isinstance(result, DataError):
+                failed.append((name, str(result)))
+                rows.append([name, "", *([""] * len(labels) if probs else []), str(result)])
+            else:
+                rows.append([name, result.label, *([f"{p:.6f}" for p in result.probs] if probs else []), ""])
+    finally:
+        bar.close()
 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow([*SUBMISSION_COLUMNS, *(labels if probs else [])])
-    items = ((s.image_path, s.mask_path, s.image_id) for s in samples)
-    predictions = engine.predict_many(items, resize_mask=resize_masks)
-    for name, prediction in zip(
-        names, tqdm(predictions, total=len(samples), desc="predict", unit="image", disable=not progress)
-    ):
-        row = [name, prediction.label]
-        if probs:
-            row += [f"{p:.6f}" for p in prediction.probs]
-        writer.writerow(row)
-    return atomic_write_text(out_csv, buffer.getvalue())
+    header = [*SUBMISSION_COLUMNS, *(labels if probs else []), *([ERROR_COLUMN] if failed else [])]
+    writer.writerow([csv_safe(cell) for cell in header])
+    for name, *cells in rows:
+        cells = cells if failed else cells[:-1]
+        writer.writerow([name if ids_as_given else csv_safe(name), *(csv_safe(cell) for cell in cells)])
+    path = atomic_write_text(out_csv, buffer.getvalue())
+    log_failures(failed, len(samples), f"error column of {path}")
+    log_failures(sample_set.skipped, len(samples) + len(sample_set.skipped), "data rows left out of the CSV")
+    return path

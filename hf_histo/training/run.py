@@ -57,6 +57,9 @@ def build_datasets(data_args: DataArguments, seed: int = 0):
         cache_dir=data_args.cache_dir,
         layout=data_args.layout,
         exclude=data_args.exclude,
+        on_error=data_args.on_error,
+        resize_masks=data_args.resize_masks,
+        max_image_pixels=data_args.max_image_pixels,
     )
 
 
