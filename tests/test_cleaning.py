@@ -225,7 +225,8 @@ def small_dataset(tmp_path) -> tuple[Path, dict[str, tuple[str, str]]]:
     }
     for name, (image, mask, label) in contaminated.items():
         _write_sample(root, name, image, mask, rows, label, "px")
-    _write_sample(root, "zz_unlabelled", originals["img_00"], None, rows, "", "pz")  # test split: never flagged
+    # Test split: never excluded, but reported as a copy of a training image (leakage into the test score).
+    _write_sample(root, "zz_unlabelled", originals["img_00"], None, rows, "", "pz")
     with open(root / "labels.csv", "w", newline="") as f:
         csv.writer(f).writerows([("filename", "label", "patient_id"), *rows])
     (tmp_path / "manual.txt").write_text("# checked by hand\nimg_08  # out of focus\n\n")
@@ -261,10 +262,11 @@ def test_clean_dataset_reports_each_kind_and_writes_a_usable_manifest(small_data
 
     report = _read_csv(out / "cleaning_report.csv")
     assert list(report[0]) == ["image_id", "reason", "score", "related_to"]
-    assert {r["image_id"]: (r["reason"], r["related_to"]) for r in report} == expected
-    assert [r["image_id"] for r in report] == sorted(expected)
+    leak = {"zz_unlabelled": ("test_duplicate_of_train", "img_00")}
+    assert {r["image_id"]: (r["reason"], r["related_to"]) for r in report} == {**expected, **leak}
+    assert [r["image_id"] for r in report] == sorted({**expected, **leak})
     assert all(r["reason"] in REASONS and 0.0 <= float(r["score"]) <= 1.0 for r in report)
-    assert result.flagged_ids == set(expected)
+    assert result.flagged_ids == set(expected) | set(leak) and result.excluded_ids == set(expected)
 
     manifest = _read_csv(out / "clean_manifest.csv")
     assert list(manifest[0]) == ["image_id", "image_path", "mask_path", "label", "group_id", "split"]
@@ -282,6 +284,7 @@ def test_clean_dataset_reports_each_kind_and_writes_a_usable_manifest(small_data
 
     summary = (out / "summary.txt").read_text()
     assert "images flagged: 6" in summary and "img_07" in summary  # the kept image whose copy has another label
+    assert "test images that duplicate a training image: 1" in summary and "zz_unlabelled = img_00" in summary
     for reason in {r for r, _ in expected.values()}:
         sheet = Image.open(out / f"contact_sheet_{reason}.png")
         assert sheet.width > 200 and sheet.height > 100

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 
 from accelerate import PartialState
@@ -59,11 +60,27 @@ def _offline() -> bool:
     return is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def upload_command(output_dir: str | os.PathLike, repo_id: str) -> str:
+    """The `hf upload` command line that uploads exactly `hub_upload_files(output_dir)` (one `--include` each).
+
+    A bare `hf upload repo folder .` would also send checkpoints (pickled optimizer states, `training_args.bin`),
+    metrics.json with local paths and any data copied into the folder.
+    """
+    folder = Path(output_dir)
+    includes = " ".join(f"--include {shlex.quote(name)}" for name in hub_upload_files(folder))
+    return f"hf upload {shlex.quote(repo_id)} {shlex.quote(str(folder))} . {includes}"
+
+
 def _unavailable(folder: Path, repo_id: str, reason: str) -> HubUnavailableError:
     return HubUnavailableError(
         f"Could not push to https://huggingface.co/{repo_id}: {reason}. The checkpoint folder is complete at "
-        f"{folder}; upload it later with `hf upload {repo_id} {folder} .` "
-        f"(or `huggingface-cli upload {repo_id} {folder} .`) after `hf auth login`."
+        f"{folder}; after `hf auth login`, upload its model, processor, card, code and plots (nothing else) with "
+        f"`{upload_command(folder, repo_id)}`"
     )
 
 
@@ -91,7 +108,8 @@ def push_folder_to_hub(
 
     Raises:
         FileNotFoundError: The folder lacks a required file (it would not load from the Hub).
-        HubUnavailableError: Offline mode, no network, or no valid login; the folder is left as it was.
+        HubUnavailableError: Offline mode, no network, or no valid login; the folder is left as it was. One
+            message, not chained to the Hub library's error, with the `upload_command` to run later.
     """
     from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
 
@@ -119,17 +137,19 @@ def push_folder_to_hub(
             allow_patterns=files,
             commit_message=commit_message or "Upload hf-histo model, processor, code, card and plots",
         )
-    except OfflineModeIsEnabled as error:
-        raise _unavailable(folder, repo_id, "offline mode is on (HF_HUB_OFFLINE=1)") from error
-    except LocalTokenNotFoundError as error:
-        raise _unavailable(folder, repo_id, "not logged in (no Hub token found)") from error
+    except OfflineModeIsEnabled:
+        raise _unavailable(folder, repo_id, "offline mode is on (HF_HUB_OFFLINE=1)") from None
+    except LocalTokenNotFoundError:
+        raise _unavailable(folder, repo_id, "not logged in (no Hub token found)") from None
     except HfHubHTTPError as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise _unavailable(folder, repo_id, f"the Hub refused the upload ({reason})") from error
+        reason = _first_line(error) or type(error).__name__
+        raise _unavailable(folder, repo_id, f"the Hub refused the upload ({reason})") from None
     except (ConnectionError, TimeoutError, OSError) as error:
-        raise _unavailable(folder, repo_id, f"the Hub is unreachable ({type(error).__name__}: {error})") from error
+        raise _unavailable(
+            folder, repo_id, f"the Hub is unreachable ({type(error).__name__}: {_first_line(error)})"
+        ) from None
     except Exception as error:  # httpx transport errors (no network) do not derive from OSError
         if type(error).__module__.startswith(("httpx", "httpcore", "requests", "urllib3")):
-            raise _unavailable(folder, repo_id, f"the Hub is unreachable ({type(error).__name__})") from error
+            raise _unavailable(folder, repo_id, f"the Hub is unreachable ({type(error).__name__})") from None
         raise
     return str(getattr(commit, "commit_url", commit))

@@ -1,9 +1,10 @@
-"""Trainer callbacks: progressive unfreezing by learning-rate gating (DDP- and resume-safe)."""
+"""Trainer callbacks: progressive unfreezing by learning-rate gating (DDP- and resume-safe), best-checkpoint report."""
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -186,3 +187,55 @@ class ProgressiveUnfreezeCallback(TrainerCallback):
     def n_steps(self, n_blocks: int) -> int:
         """Number of unfreezing steps needed for `n_blocks` blocks."""
         return math.ceil(n_blocks / self.blocks_per_step)
+
+
+def logged_evaluation(log_history: Sequence[dict[str, Any]], step: int, key: str) -> dict[str, Any] | None:
+    """The first evaluation logged at `step` that holds `key` (e.g. `eval_image_macro_f1`), or None."""
+    return next((e for e in log_history if e.get("step") == step and key in e), None)
+
+
+class BestCheckpointReport(TrainerCallback):
+    """At the end of training, log which evaluation the best checkpoint comes from: epoch, step, metric and loss.
+
+    Says how many other evaluations tied with it on `metric_for_best_model` (`HistoTrainer` keeps the lower
+    `eval_loss` of a tie, then the earlier) and whether `--load_best_model_at_end` loaded it.
+    """
+
+    def on_train_end(self, args, state, control, **kwargs):
+        """Log the kept checkpoint (main process, only with `metric_for_best_model` and a saved best step)."""
+        name = args.metric_for_best_model
+        if not name or state.best_global_step is None or not state.is_world_process_zero:
+            return
+        key = name if name.startswith("eval_") else f"eval_{name}"
+        best = logged_evaluation(state.log_history, state.best_global_step, key)
+        if best is None:
+            return
+        value = float(best[key])
+        ties = sum(
+            1
+            for e in state.log_history
+            if key in e and e is not best and math.isclose(float(e[key]), value, rel_tol=1e-9)
+        )
+        epoch = float(best.get("epoch", float("nan")))
+        epoch_text = str(round(epoch)) if abs(epoch - round(epoch)) < 1e-6 else f"{epoch:.2f}"
+        loss = f", eval_loss={float(best['eval_loss']):.4f}" if "eval_loss" in best else ""
+        metric = key.removeprefix("eval_")
+        tied = (
+            f"; {ties} other evaluation(s) tied on {metric}, the lower eval_loss (then the earlier) won"
+            if ties
+            else ""
+        )
+        if args.load_best_model_at_end and state.best_model_checkpoint:
+            loaded = f"; loaded at the end of training ({state.best_model_checkpoint})"
+        else:
+            loaded = "; not loaded (--load_best_model_at_end is off): the model is the last epoch's"
+        logger.info(
+            "best checkpoint: kept the checkpoint of epoch %s (step %d): %s=%.4f%s%s%s",
+            epoch_text,
+            state.best_global_step,
+            metric,
+            value,
+            loss,
+            tied,
+            loaded,
+        )

@@ -12,9 +12,16 @@ import numpy as np
 import torch
 from torch import nn
 from transformers import EarlyStoppingCallback, PreTrainedModel, Trainer, TrainerCallback
+from transformers.trainer_utils import SaveStrategy
 
 from ..inference.engine import patch_probabilities
-from .callbacks import ProgressiveUnfreezeCallback, drop_gated_gradients, gated_parameters
+from .callbacks import (
+    BestCheckpointReport,
+    ProgressiveUnfreezeCallback,
+    drop_gated_gradients,
+    gated_parameters,
+    logged_evaluation,
+)
 from .losses import build_loss, class_weights_from_counts
 from .metrics import ImageLevelMetrics, dataset_column
 from .param_groups import build_param_groups, create_optimizer, describe_param_groups
@@ -92,6 +99,48 @@ def build_training_loss(args: Any, train_labels: Sequence[int] | None, num_label
     )
 
 
+def check_training_classes(train_dataset: Any, train_labels: Sequence[int] | None, names: Sequence[str]) -> None:
+    """Refuse training data with fewer than two classes (every prediction would be right: macro-F1 1.0).
+
+    Args:
+        train_dataset: The train dataset (its `info.description` and `image_id` column name the data).
+        train_labels: Class index of each training row (-1: unlabelled); None skips the check (no label column).
+        names: Class names in index order.
+
+    Raises:
+        ValueError: Fewer than two classes among the labelled training rows; the message names the data and the fix.
+    """
+    if train_labels is None:
+        return
+    present = sorted({int(y) for y in train_labels if int(y) >= 0})
+    if len(present) >= 2:
+        return
+    description = str(getattr(getattr(train_dataset, "info", None), "description", "") or "")
+    data = f"the train dataset ({description})" if description else "the train dataset"
+    fix = (
+        "a classifier needs at least 2 classes among the training images (with one, every prediction is that class "
+        "and macro-F1 reads 1.0): add images of another class to the training data, or check the labels (labels.csv, "
+        "train_labels.csv or the class folders) and the split (a `split` column, --val_fraction, --fold)"
+    )
+    if not present:
+        raise ValueError(f"Cannot train: {data} has no labelled training patches; {fix}.")
+    rows = sum(1 for y in train_labels if int(y) == present[0])
+    ids = dataset_column(train_dataset, "image_id")
+    images = f" of {len({i for i, y in zip(ids, train_labels) if int(y) == present[0]})} images" if ids else ""
+    name = names[present[0]] if present[0] < len(names) else str(present[0])
+    raise ValueError(
+        f"Cannot train: {data} has only one class ({name!r}: {rows} patches{images}) in its training images; {fix}."
+    )
+
+
+def _train_labels(dataset: Any) -> list[int] | None:
+    """The `label` (or `labels`) column of a `datasets.Dataset`; None for other datasets or without one."""
+    if not getattr(dataset, "column_names", None):
+        return None
+    labels = dataset_column(dataset, "label")
+    return dataset_column(dataset, "labels") if labels is None else labels
+
+
 class HistoTrainer(Trainer):
     """`Trainer` for patch classifiers judged at image level.
 
@@ -99,7 +148,9 @@ class HistoTrainer(Trainer):
     `losses.build_loss` module, CutMix/MixUp soft targets), the training step (gated gradients of blocks not yet
     unfrozen), evaluation (streaming image-level metrics, optional TTA) and the sampler (class-balanced option).
     With `HistoTrainingArguments` it adds `ProgressiveUnfreezeCallback` (`--unfreeze_every_epochs`) and
-    `EarlyStoppingCallback` (`--early_stopping_patience`) by itself.
+    `EarlyStoppingCallback` (`--early_stopping_patience`) by itself. Training data with fewer than two classes is
+    refused; of evaluations tied on `metric_for_best_model` the best checkpoint is the one of lower `eval_loss`
+    (`BestCheckpointReport` logs which one was kept).
 
     Args:
         *args: `Trainer` arguments.
@@ -112,6 +163,9 @@ class HistoTrainer(Trainer):
         model = kwargs.get("model", args[0] if args else None)
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
         labels = label_names(model)
+        train_dataset = kwargs.get("train_dataset", args[3] if len(args) > 3 else None)
+        train_labels = _train_labels(train_dataset)
+        check_training_classes(train_dataset, train_labels, labels)
         if kwargs.get("compute_metrics") is None:
             aggregation = getattr(getattr(_base(model), "config", None), "aggregation", "soft") or "soft"
             kwargs["compute_metrics"] = ImageLevelMetrics(labels, aggregation)
@@ -129,12 +183,11 @@ class HistoTrainer(Trainer):
         if training_args is not None and getattr(training_args, "early_stopping_patience", None):
             if not any(isinstance(c, EarlyStoppingCallback) for c in callbacks):
                 callbacks.append(EarlyStoppingCallback(training_args.early_stopping_patience))
+        if not any(isinstance(c, BestCheckpointReport) for c in callbacks):
+            callbacks.append(BestCheckpointReport())
         kwargs["callbacks"] = callbacks
         super().__init__(*args, **kwargs)
         if loss_fn is None:
-            train_labels = dataset_column(self.train_dataset, "label")
-            if train_labels is None:
-                train_labels = dataset_column(self.train_dataset, "labels")
             loss_fn = build_training_loss(self.args, train_labels, len(labels))
         self.loss_fn = loss_fn
         self.batch_mixer = batch_mixer
@@ -214,6 +267,32 @@ class HistoTrainer(Trainer):
         return super()._get_train_sampler(train_dataset)
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
+    def _determine_best_metric(self, metrics: dict[str, float], trial: Any) -> bool:
+        """Trainer's best-checkpoint rule, with ties on `metric_for_best_model` going to the lower `eval_loss`.
+
+        Trainer keeps the first evaluation that reaches the best value; on a small validation set F1 1.0 comes
+        early and every later epoch ties with it. Of equal metrics the lower evaluation loss wins, of equal losses
+        the earlier evaluation. The best evaluation's loss is read from `state.log_history` (restored on resume).
+        """
+        if super()._determine_best_metric(metrics=metrics, trial=trial):
+            return True
+        name = self.args.metric_for_best_model
+        if name is None or self.state.best_metric is None or self.state.best_global_step is None:
+            return False
+        key = name if name.startswith("eval_") else f"eval_{name}"
+        loss = metrics.get("eval_loss")
+        if key == "eval_loss" or loss is None:
+            return False
+        if not math.isclose(float(metrics[key]), float(self.state.best_metric), rel_tol=1e-9, abs_tol=1e-12):
+            return False
+        best = logged_evaluation(self.state.log_history, self.state.best_global_step, key) or {}
+        best_loss = best.get("eval_loss")
+        if best_loss is None or not float(loss) < float(best_loss):
+            return False
+        if self.args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST):
+            self.state.best_global_step = self.state.global_step
+        return True
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Write checkpoints in the in-memory key format, so that resuming and `load_best_model_at_end` reload them.
 

@@ -1,6 +1,6 @@
 """Data cleaning: duplicates, non-tissue images and colour artifacts found, reported, and nothing deleted."""
 
-from .config import REASONS, CleaningConfig, Flag
+from .config import LEAK_REASON, REASONS, CleaningConfig, Flag
 from .dataset import (
     EXCLUSIONS_NAME,
     MANIFEST_NAME,
@@ -17,12 +17,14 @@ from .decisions import (
     outlier_scores,
     robust_z,
     texture_twin_pairs,
+    train_copy_flags,
 )
 from .features import FEATURE_NAMES, ImageFeatures, artifact_regions, image_features, stain_fraction, stream_features
 
 __all__ = [
     "EXCLUSIONS_NAME",
     "FEATURE_NAMES",
+    "LEAK_REASON",
     "MANIFEST_NAME",
     "REASONS",
     "REPORT_COLUMNS",
@@ -43,4 +45,5 @@ __all__ = [
     "stain_fraction",
     "stream_features",
     "texture_twin_pairs",
+    "train_copy_flags",
 ]

@@ -4,8 +4,20 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+# Test images are only compared with the training images: one that copies a training image is reported with this
+# reason and kept (a submission needs a prediction for every test image), never excluded.
+LEAK_REASON = "test_duplicate_of_train"
 # A flagged image gets one report row: its strongest reason, first in this order.
-REASONS = ("manual", "shared_mask", "non_tissue", "artifact", "label_conflict", "duplicate", "near_duplicate")
+REASONS = (
+    "manual",
+    "shared_mask",
+    "non_tissue",
+    "artifact",
+    "label_conflict",
+    "duplicate",
+    "near_duplicate",
+    LEAK_REASON,
+)
 
 
 @dataclass

@@ -12,11 +12,11 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from ...utils import atomic_save_image, atomic_write_text
+from ...utils import atomic_save_image, atomic_write_text, csv_safe
 from ..images import load_image
 from ..sources import Sample, SampleSet, read_exclusions, read_samples
-from .config import REASONS, CleaningConfig, Flag
-from .decisions import find_flags
+from .config import LEAK_REASON, REASONS, CleaningConfig, Flag
+from .decisions import find_flags, train_copy_flags
 from .features import EmbeddingModel, embed_samples, stream_features
 
 logger = logging.getLogger(__name__)
@@ -34,8 +34,8 @@ class CleaningResult:
     """What ``clean_dataset`` found and wrote.
 
     Attributes:
-        flags: One ``Flag`` per flagged image, sorted by image_id.
-        kept: The samples written to the clean manifest (test samples included).
+        flags: One ``Flag`` per flagged image, sorted by image_id (test images that copy a training image included).
+        kept: The samples written to the clean manifest (test samples included, also those that copy training images).
         out_dir: The output folder.
         files: Written files by key: ``report``, ``manifest``, ``exclusions``, ``summary``, ``sheet_<reason>``.
     """
@@ -47,8 +47,18 @@ class CleaningResult:
 
     @property
     def flagged_ids(self) -> set[str]:
-        """Ids of all flagged images."""
+        """Ids of all flagged images (excluded training images and test images that copy training images)."""
         return {f.image_id for f in self.flags}
+
+    @property
+    def excluded_ids(self) -> set[str]:
+        """Ids left out of the clean manifest and listed in ``exclusions.txt``."""
+        return {f.image_id for f in self.flags if f.reason != LEAK_REASON}
+
+    @property
+    def leaks(self) -> list[Flag]:
+        """Flags of test images that copy a training image (kept in the manifest: see ``clean_dataset``)."""
+        return [f for f in self.flags if f.reason == LEAK_REASON]
 
     def summary(self) -> str:
         """The text of ``summary.txt``."""
@@ -88,16 +98,22 @@ def clean_dataset(
       area fraction (or, for an undetected-colour paste found by comparison with its twin, the changed
       fraction); non_tissue ``max(non-H&E colour / non_tissue_colour, z / outlier_z)`` (>= 1 fails on its own);
       shared_mask the fraction of the image that differs from the kept twin. ``related_to`` is the kept
-      image it copies or shares its mask with ("" when none).
+      image it copies or shares its mask with ("" when none). Test images that copy a training image (leakage into
+      the test score) get a row ``test_duplicate_of_train`` (score 1.0 for identical pixels, else the near
+      duplicate's similarity; ``related_to`` the training image). Text cells that start like a spreadsheet formula
+      (``=``, ``+``, ``-``, ``@``) get a leading ``'`` (``utils.csv_safe``): the report is for people.
     - ``clean_manifest.csv``: the kept samples, ``image_id,image_path,mask_path,label,group_id,split``, paths
-      relative to ``out_dir`` when inside it, else absolute; pass it (or ``out_dir``) as the data.
-    - ``exclusions.txt``: the flagged ids, one per line (``read_samples(data, exclude=...)``).
+      relative to ``out_dir`` when inside it, else absolute; pass it (or ``out_dir``) as the data. Its cells are
+      exact (not neutralised): the library reads the ids back and predictions must carry the real ones.
+    - ``exclusions.txt``: the excluded (flagged training) ids, one per line (``read_samples(data, exclude=...)``).
     - ``summary.txt`` and ``contact_sheet_<reason>.png`` for each reason found: thumbnails of the flagged
       image (and of its related image) with reason and score.
 
     Of a group of duplicates the most tissue-like member is kept, and of equals the oldest file, then the first
     in image_id order (``config.keep_first``): a copy is usually newer than what it copies. The train split is
-    checked (all samples when there is none); test samples always pass through to the manifest.
+    checked (all samples when there is none); test samples always pass through to the manifest, and are compared
+    with the training images: a copy is reported, and kept, since a submission needs a prediction for every test
+    image (to score honestly, leave it out of the score or exclude its training twin).
 
     Args:
         data_dir: A data folder in any layout ``read_samples`` reads, or a clean manifest.
@@ -136,10 +152,14 @@ def clean_dataset(
     vectors = embed_samples(checked, embedding_model, progress) if embedding_model is not None else None
     flags = find_flags(checked, features, cfg, manual=manual, vectors=vectors)
     flagged = {f.image_id for f in flags}
+    compared = sample_set.test if sample_set.train else []  # test images, compared with the training images
+    leaks = train_copy_flags(checked, features, compared, stream_features(compared, cfg, progress), cfg, flagged)
+    flags = sorted(flags + leaks, key=lambda f: f.image_id)
     kept = [s for s in sorted(sample_set.samples, key=lambda s: s.image_id) if s.image_id not in flagged]
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    report_rows = [(f.image_id, f.reason, f"{f.score:.4f}", f.related_to) for f in flags]
+    # The report is opened in spreadsheets: neutralise formula-like ids. The manifest stays exact (it is data).
+    report_rows = [(csv_safe(f.image_id), f.reason, f"{f.score:.4f}", csv_safe(f.related_to)) for f in flags]
     manifest_rows = [
         (
             s.image_id,
@@ -156,14 +176,15 @@ def clean_dataset(
         "manifest": atomic_write_text(out_dir / MANIFEST_NAME, _csv_text(MANIFEST_COLUMNS, manifest_rows)),
         "exclusions": atomic_write_text(out_dir / EXCLUSIONS_NAME, "".join(f"{i}\n" for i in sorted(flagged))),
         "summary": atomic_write_text(
-            out_dir / SUMMARY_NAME, _summary(data_dir, sample_set, len(checked), flags, len(kept), unknown)
+            out_dir / SUMMARY_NAME,
+            _summary(data_dir, sample_set, (len(checked), len(compared)), flags, len(kept), unknown),
         ),
     }
     result = CleaningResult(flags=flags, kept=kept, out_dir=out_dir, files=files)
     for path in out_dir.glob("contact_sheet_*.png"):  # a sheet left by an earlier run would mislead
         if path.stem.removeprefix("contact_sheet_") in REASONS:
             path.unlink()
-    by_id = {s.image_id: s for s in checked}
+    by_id = {s.image_id: s for s in [*checked, *compared]}
     boxes = {f.image_id: f.artifact_box for f in features}
     for reason, group in result.by_reason().items():
         if group:
@@ -227,7 +248,7 @@ def _contact_sheet(
         x, y = (k % cols) * cell_w + 4, (k // cols) * cell_h + 2
         caption = f"{flag.image_id[:36]}\n{flag.reason} {flag.score:.3f}"
         if flag.related_to:
-            caption += f"   kept: {flag.related_to[:24]}"
+            caption += f"   {'train' if flag.reason == LEAK_REASON else 'kept'}: {flag.related_to[:24]}"
         draw.multiline_text((x, y), caption, fill=(0, 0, 0), font=font, spacing=1)
         box = boxes.get(flag.image_id) if flag.reason == "artifact" else None
         sheet.paste(_thumbnail(samples[flag.image_id].image_path, size, box), (x, y + 28))
@@ -241,28 +262,40 @@ def _contact_sheet(
 def _summary(
     data_dir: Path,
     sample_set: SampleSet,
-    checked: int,
+    checked: tuple[int, int],
     flags: Sequence[Flag],
     kept: int,
     unknown_manual: Sequence[str],
 ) -> str:
+    """The text of ``summary.txt``; ``checked`` is (images checked, test images compared with them)."""
     counts = {r: 0 for r in REASONS}
     for f in flags:
         counts[f.reason] += 1
+    leaks = [f for f in flags if f.reason == LEAK_REASON]
     lines = [
         "hf-histo clean",
         f"data: {data_dir} (layout: {sample_set.layout})",
-        f"images checked: {checked}",
-        f"images flagged: {len(flags)}",
+        f"images checked: {checked[0]}",
+        f"images flagged: {len(flags) - len(leaks)} (left out of {MANIFEST_NAME}, listed in {EXCLUSIONS_NAME})",
+        f"test images compared with the training images: {checked[1]}",
+        f"test images that duplicate a training image: {len(leaks)} (kept in {MANIFEST_NAME})",
         f"samples kept in {MANIFEST_NAME}: {kept}",
         "",
         "flagged images per reason (one row per image: its strongest reason, in this order):",
     ]
-    lines += [f"  {r:15s} {counts[r]}" for r in REASONS]
+    lines += [f"  {r:24s} {counts[r]}" for r in REASONS]
     conflicts = sorted({f.related_to for f in flags if f.reason == "label_conflict"})
     if conflicts:
         lines += ["", "kept images whose duplicates carry another label (check these labels):"]
         lines += [f"  {c}" for c in conflicts]
+    if leaks:
+        lines += [
+            "",
+            "test images that copy a training image (leakage: a test score on them measures memory, not",
+            "generalisation). They stay in the manifest, since a submission needs every test image; for an honest",
+            "score leave them out of it, or exclude their training twins (test image = training image, score):",
+        ]
+        lines += [f"  {f.image_id} = {f.related_to} ({f.score:.4f})" for f in leaks]
     if unknown_manual:
         lines += ["", "manual exclusions not among the checked images (ignored):"] + [f"  {u}" for u in unknown_manual]
     lines += [

@@ -13,7 +13,7 @@ from scipy.stats import median_abs_deviation
 from sklearn.covariance import MinCovDet
 
 from ..sources import Sample
-from .config import REASONS, CleaningConfig, Flag
+from .config import LEAK_REASON, REASONS, CleaningConfig, Flag
 from .features import GRADIENT_FEATURE, ImageFeatures
 
 _CROP_SCALES = (1.0, 0.97, 0.94, 0.91, 0.88)
@@ -121,14 +121,67 @@ def near_duplicate_pairs(features: Sequence[ImageFeatures], config: CleaningConf
         dist = np.bitwise_count(p[i + 1 :] ^ p[i]) + np.bitwise_count(d[i + 1 :] ^ d[i])  # <= 128: fits uint8
         for k in np.nonzero(dist <= config.near_duplicate_candidate)[0]:
             j = i + 1 + int(k)
-            a, b = features[i].thumbnail, features[j].thumbnail
-            if dist[k] <= config.near_duplicate_distance:
-                pairs.append((i, j, _correlation(a, b)))
-            else:
-                sim = aligned_similarity(a, b, good_enough=config.near_duplicate_similarity)
-                if sim >= config.near_duplicate_similarity:
-                    pairs.append((i, j, sim))
+            sim = _pair_similarity(features[i], features[j], int(dist[k]), config)
+            if sim is not None:
+                pairs.append((i, j, sim))
     return pairs
+
+
+def _pair_similarity(a: ImageFeatures, b: ImageFeatures, distance: int, cfg: CleaningConfig) -> float | None:
+    """Similarity of two images whose hashes differ in ``distance`` bits; None when they are no near duplicates."""
+    if distance <= cfg.near_duplicate_distance:
+        return _correlation(a.thumbnail, b.thumbnail)
+    sim = aligned_similarity(a.thumbnail, b.thumbnail, good_enough=cfg.near_duplicate_similarity)
+    return sim if sim >= cfg.near_duplicate_similarity else None
+
+
+def train_copy_flags(
+    train: Sequence[Sample],
+    train_features: Sequence[ImageFeatures],
+    test: Sequence[Sample],
+    test_features: Sequence[ImageFeatures],
+    config: CleaningConfig | None = None,
+    excluded: Iterable[str] = (),
+) -> list[Flag]:
+    """Flag test images that copy a training image (leakage: a test score on them measures memory).
+
+    Args:
+        train: Training samples in data order; parallel to ``train_features``.
+        train_features: Their measurements.
+        test: Test samples; parallel to ``test_features``.
+        test_features: Their measurements.
+        config: Thresholds (defaults when None); near duplicates follow ``near_duplicate_pairs``'s rules.
+        excluded: Training ids flagged for exclusion: a copy is related to a kept training image when there is one.
+
+    Returns:
+        One ``LEAK_REASON`` flag per test image that copies a training image, sorted by image_id: score 1.0 for
+        identical decoded pixels, else the thumbnails' similarity; ``related_to`` the training image.
+    """
+    cfg = config or CleaningConfig()
+    if not train or not test:
+        return []
+    skip = set(excluded)
+    order = sorted(range(len(train)), key=lambda i: (train[i].image_id in skip, i))  # kept images first
+    by_pixels: dict[str, int] = {}
+    for i in order:
+        by_pixels.setdefault(train_features[i].pixel_hash, i)
+    p = np.array([f.phash for f in train_features], dtype=np.uint64)
+    d = np.array([f.dhash for f in train_features], dtype=np.uint64)
+    flags = []
+    for sample, feat in zip(test, test_features):
+        match: tuple[float, int] | None = None
+        if feat.pixel_hash in by_pixels:
+            match = (1.0, by_pixels[feat.pixel_hash])
+        else:
+            dist = np.bitwise_count(p ^ np.uint64(feat.phash)) + np.bitwise_count(d ^ np.uint64(feat.dhash))
+            for i in order:
+                if dist[i] <= cfg.near_duplicate_candidate:
+                    sim = _pair_similarity(feat, train_features[i], int(dist[i]), cfg)
+                    if sim is not None and (match is None or sim > match[0]):
+                        match = (sim, i)
+        if match is not None:
+            flags.append(Flag(sample.image_id, LEAK_REASON, round(float(match[0]), 4), train[match[1]].image_id))
+    return sorted(flags, key=lambda f: f.image_id)
 
 
 def _fine_texture(thumbnail: np.ndarray) -> np.ndarray:
