@@ -241,11 +241,20 @@ def finalize_run(
             processor = make_image_processor(trainer.processing_class)
             validation = set(splits.get("validation", []))
             if validation:
-                sample_set = read_samples(data_args.data_dir, layout=data_args.layout, exclude=data_args.exclude)
+                sample_set = read_samples(
+                    data_args.data_dir, layout=data_args.layout, on_error=data_args.on_error, exclude=data_args.exclude
+                )
                 samples = [s for s in sample_set.samples if s.image_id in validation]
-                engine = InferenceEngine(model, processor, batch_size=args.per_device_eval_batch_size)
+                engine = InferenceEngine(
+                    model,
+                    processor,
+                    batch_size=args.per_device_eval_batch_size,
+                    max_image_pixels=data_args.max_image_pixels,
+                )
                 n_bootstrap = getattr(args, "n_bootstrap", 1000)
-                result = evaluate_samples(engine, samples, n_bootstrap=n_bootstrap, seed=args.seed)
+                result = evaluate_samples(
+                    engine, samples, n_bootstrap=n_bootstrap, seed=args.seed, resize_masks=data_args.resize_masks
+                )
                 result.save(
                     staging / "metrics.json",
                     run=run_info or {},
