@@ -3,43 +3,16 @@
 import numpy as np
 import pytest
 import torch
+from tiny_models import LABELS, PATCHING, tiny_model, tissue_image
 
-from hf_histo.data.patching import PatchingConfig
 from hf_histo.data.transforms import make_image_processor
 from hf_histo.hub import save_for_hub
 from hf_histo.inference.engine import InferenceEngine, patch_probabilities, tta_views
 from hf_histo.inference.loading import load_engine
 from hf_histo.inference.pipeline import HistoImageClassificationPipeline, register_pipeline_task
-from hf_histo.models import HistoClassifierConfig, HistoClassifierForImageClassification, tiny_backbone_config
 from hf_histo.models.aggregation import aggregate
 from hf_histo.models.ensemble import FoldEnsemble
 from hf_histo.training.embeddings import D4_SUBSETS
-
-LABELS = {0: "HER2(+)", 1: "Luminal A", 2: "Luminal B"}
-PATCHING = PatchingConfig(strategy="grid", patch_size=32, min_foreground=100)
-
-
-def tiny_model(seed: int = 0, **config_kwargs) -> HistoClassifierForImageClassification:
-    torch.manual_seed(seed)
-    config = HistoClassifierConfig(
-        backbone_config=tiny_backbone_config("vit"),
-        id2label=LABELS,
-        label2id={v: k for k, v in LABELS.items()},
-        patching=config_kwargs.pop("patching", PATCHING.to_dict()),
-        **config_kwargs,
-    )
-    return HistoClassifierForImageClassification(config).eval()
-
-
-def tissue_image(size: int = 96, seed: int = 0) -> np.ndarray:
-    """White background with a textured pink/purple disc (what tissue detection keeps)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    disc = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size * 0.35) ** 2
-    image = np.full((size, size, 3), 245, dtype=np.uint8)
-    stain = np.array([200, 90, 170]) - rng.integers(0, 60, size=(size, size, 3))
-    image[disc] = np.clip(stain[disc], 0, 255).astype(np.uint8)
-    return image
 
 
 def ragged_mask(size: int = 96) -> np.ndarray:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_models import LABELS, PATCHING, tiny_model, tissue_image
 from transformers import pipeline as hf_pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
@@ -23,34 +24,6 @@ from hf_histo.inference.pipeline import (
     load_pipeline,
     register_pipeline_task,
 )
-from hf_histo.models import HistoClassifierConfig, HistoClassifierForImageClassification, tiny_backbone_config
-
-LABELS = {0: "HER2(+)", 1: "Luminal A", 2: "Luminal B"}
-PATCHING = {"strategy": "grid", "patch_size": 32, "min_foreground": 100}
-
-
-def tiny_model(family: str = "vit", seed: int = 0, **config_kwargs) -> HistoClassifierForImageClassification:
-    torch.manual_seed(seed)
-    config = HistoClassifierConfig(
-        backbone_config=tiny_backbone_config(family),
-        id2label=LABELS,
-        label2id={v: k for k, v in LABELS.items()},
-        patching=config_kwargs.pop("patching", PATCHING),
-        **config_kwargs,
-    )
-    return HistoClassifierForImageClassification(config).eval()
-
-
-def tissue_image(size: int = 160, seed: int = 0) -> np.ndarray:
-    """White background with a textured pink/purple disc (what tissue detection keeps)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    disc = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size * 0.35) ** 2
-    image = np.full((size, size, 3), 245, dtype=np.uint8)
-    noise = rng.integers(0, 60, size=(size, size, 3))
-    stain = np.array([200, 90, 170]) - noise
-    image[disc] = np.clip(stain[disc], 0, 255).astype(np.uint8)
-    return image
 
 
 @pytest.fixture(scope="module")
@@ -256,7 +229,7 @@ def test_empty_mask_falls_back_to_tissue_and_says_so(pipe):
 
 
 def test_empty_mask_whole_fallback_as_configured(processor):
-    model = tiny_model(patching={**PATCHING, "empty_fallback": "whole"})
+    model = tiny_model(patching={**PATCHING.to_dict(), "empty_fallback": "whole"})
     pipe = HistoImageClassificationPipeline(model=model, image_processor=processor)
     result = pipe(tissue_image(), mask=np.zeros((160, 160), dtype=bool), return_patches=True)
     assert result["fallback"] == "empty_mask_whole"
@@ -329,7 +302,7 @@ def test_load_pipeline_and_registered_task(saved, pipe):
     expected = pipe(image, mask=mask)
     loaded = load_pipeline(saved, batch_size=5)
     assert isinstance(loaded, HistoImageClassificationPipeline)
-    assert loaded.engine.patching == PatchingConfig.from_dict(PATCHING) and loaded.engine.batch_size == 5
+    assert loaded.engine.patching == PATCHING and loaded.engine.batch_size == 5
     got = loaded(image, mask=mask)
     np.testing.assert_allclose([e["score"] for e in got], [e["score"] for e in expected], atol=1e-5)
     # The registered task also builds from a model object and its processor.

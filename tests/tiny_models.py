@@ -1,0 +1,34 @@
+"""Test helpers: a tiny classifier built from a config and a generated tissue-like image."""
+
+import numpy as np
+import torch
+
+from hf_histo.data.patching import PatchingConfig
+from hf_histo.models import HistoClassifierConfig, HistoClassifierForImageClassification, tiny_backbone_config
+
+LABELS = {0: "HER2(+)", 1: "Luminal A", 2: "Luminal B"}
+PATCHING = PatchingConfig(strategy="grid", patch_size=32, min_foreground=100)
+
+
+def tiny_model(family: str = "vit", seed: int = 0, **config_kwargs) -> HistoClassifierForImageClassification:
+    """A tiny random classifier (eval mode) with `LABELS` and `PATCHING` unless overridden."""
+    torch.manual_seed(seed)
+    config = HistoClassifierConfig(
+        backbone_config=tiny_backbone_config(family),
+        id2label=LABELS,
+        label2id={v: k for k, v in LABELS.items()},
+        patching=config_kwargs.pop("patching", PATCHING.to_dict()),
+        **config_kwargs,
+    )
+    return HistoClassifierForImageClassification(config).eval()
+
+
+def tissue_image(size: int = 160, seed: int = 0) -> np.ndarray:
+    """White background with a textured pink/purple disc (what tissue detection keeps)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    disc = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size * 0.35) ** 2
+    image = np.full((size, size, 3), 245, dtype=np.uint8)
+    stain = np.array([200, 90, 170]) - rng.integers(0, 60, size=(size, size, 3))
+    image[disc] = np.clip(stain[disc], 0, 255).astype(np.uint8)
+    return image
