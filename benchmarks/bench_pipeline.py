@@ -26,7 +26,7 @@ from transformers import pipeline as hf_pipeline  # noqa: E402
 
 from hf_histo.data.patching import PatchBox, PatchingConfig, crop_patch  # noqa: E402
 from hf_histo.hub import save_for_hub  # noqa: E402
-from hf_histo.inference.pipeline import load_pipeline  # noqa: E402
+from hf_histo.inference.loading import load_pipeline  # noqa: E402
 from hf_histo.models import (  # noqa: E402
     HistoClassifierConfig,
     HistoClassifierForImageClassification,

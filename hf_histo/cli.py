@@ -3,66 +3,73 @@
 from __future__ import annotations
 
 import argparse
-import inspect
-import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import fields
 from typing import Any
 
-from .data.images import DataError, pixel_limit
+# The parser is built from torch-free modules only (`hf-histo --help` answers at once); each `cmd_*` in cli_commands imports
+# the library function it calls.
+from . import cli_commands as commands
+from .cli_parser import CommandParser, str_to_bool
+from .data.images import DataError
 from .data.patching import EMPTY_FALLBACKS, STRATEGIES, PatchingConfig
-from .models.aggregation import AGGREGATIONS
-from .models.configuration_histo import TTA_MODES
+from .data.sources import LAYOUTS, SPLIT_CHOICES
+from .models.aggregation import AGGREGATIONS, TTA_MODES
 
-LAYOUT_CHOICES = ("challenge", "table", "class_folders", "manifest")
-MODEL_HELP = "trained model folder (a recipe's --output_dir), cross-validation root, or Hub id (owner/name)"
-PATCHING_FIELDS = tuple(f.name for f in fields(PatchingConfig))
+MODEL_HELP = "trained model folder (a recipe's --output_dir), cross-validation root, or Hub id (owner/name); required"
+DEFAULT_BATCH_SIZE = 32  # the library functions' default; recipes evaluate with --per_device_eval_batch_size
 
 
 def _add_data_options(p: argparse.ArgumentParser, skipped: str, on_error: str = "raise") -> None:
-    """The data options of every command that reads data (the fixes its errors name), with the same meaning."""
-    p.add_argument("--layout", choices=LAYOUT_CHOICES, default=None, help="force a data layout (default: detected)")
+    """The data options of every command that reads data (the fixes its errors name), with the recipes' names."""
+    p.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default=None,
+        help="force a data layout (default: detected from the files)",
+    )
     p.add_argument(
         "--on_error",
         choices=("raise", "skip"),
         default=on_error,
-        help=f"a bad image or data row: stop at the first, naming it and the fix (raise), or go on (skip: {skipped}). "
-        f"Default: {on_error}.",
+        help=f"a bad image or data row: stop at the first, naming it and the fix (raise), or go on (skip: {skipped}) "
+        f"(default: {on_error})",
     )
     p.add_argument(
-        "--resize_masks", action="store_true", help="resize masks whose size differs from their image (else an error)"
+        "--resize_masks",
+        type=str_to_bool,
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="BOOL",
+        help="resize masks whose size differs from their image instead of failing; alone or with true/false "
+        "(default: false)",
     )
     p.add_argument(
         "--max_image_pixels",
         type=int,
+        metavar="N",
         default=None,
-        help="pixel limit of PIL's decompression-bomb check; raise it for trusted large images",
+        help="pixel limit of PIL's decompression-bomb check; raise it for trusted large images "
+        "(default: PIL's, about 89 million)",
     )
-
-
-def _data_options(args: argparse.Namespace) -> dict[str, Any]:
-    return {"on_error": args.on_error, "resize_masks": args.resize_masks, "max_image_pixels": args.max_image_pixels}
-
-
-def _bool(value: str) -> bool:
-    if value.lower() in ("1", "true", "yes", "y"):
-        return True
-    if value.lower() in ("0", "false", "no", "n"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
 def _add_patching_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     """One flag per `PatchingConfig` field: the recipes' names, defaults and help (`DataArguments` mirrors them)."""
-    types = {"stride": int, "min_fraction": float, "paint_background": _bool}
+    types = {"stride": int, "min_fraction": float, "paint_background": str_to_bool}
     choices = {"strategy": STRATEGIES, "empty_fallback": EMPTY_FALLBACKS}
     for f in fields(PatchingConfig):
         if f.name in skip:
             continue
-        default = "" if f.default is None else f" Default: {f.default}."
-        kwargs = {"default": f.default, "help": (f.metadata["help"] + default).replace("%", "%%")}
+        text = f.metadata["help"].rstrip(".")
+        if f.default is not None:
+            text += f" (default: {str(f.default).lower() if isinstance(f.default, bool) else f.default})"
+        elif "default" not in text:
+            text += " (default: none)"
+        kwargs: dict[str, Any] = {"default": f.default, "help": text.replace("%", "%%")}
         if f.name == "paint_background":  # `--paint_background` alone, or with true/false as in the recipes
             kwargs.update(nargs="?", const=True)
         kwargs["type"] = types.get(f.name, type(f.default))
@@ -71,217 +78,204 @@ def _add_patching_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()
         p.add_argument(f"--{f.name}", **kwargs)
 
 
-def _patching(args: argparse.Namespace, **override: str) -> PatchingConfig:
-    values = {name: value for name, value in vars(args).items() if name in PATCHING_FIELDS and name not in override}
-    try:
-        return PatchingConfig(**values, **override)
-    except ValueError as e:  # a bad combination of flags: argparse's exit status and style, no traceback
-        print(f"hf-histo {args.command}: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from e
-
-
-def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .data.inspect import inspect_dataset
-
-    report = inspect_dataset(
-        args.data,
-        args.out,
-        _patching(args, strategy=args.strategies[0]),
-        strategies=tuple(args.strategies),
-        layout=args.layout,
-        **_data_options(args),
+def _add_inference_options(p: argparse.ArgumentParser, choices: bool = True) -> None:
+    """--masks, --batch_size and (predict, evaluate) --aggregation/--tta: the options of the commands over a model."""
+    p.add_argument(
+        "--masks",
+        metavar="DIR",
+        default=None,
+        help="masks for a plain folder of images: a folder of masks named like the images (or one mask file when "
+        "DATA is one image file); a given mask overrides the layout's own (default: none: the layout's masks, "
+        "else tissue detection)",
     )
-    print(report.table())
-    return 0
-
-
-def _cmd_build(args: argparse.Namespace) -> int:
-    from .data.builder import build_patch_dataset
-
-    dataset, report = build_patch_dataset(
-        args.data,
-        _patching(args),
-        val_fraction=args.val_fraction,
-        seed=args.seed,
-        cache_dir=args.cache_dir,
-        layout=args.layout,
-        exclude=args.exclude,
-        num_proc=args.num_proc,
-        **_data_options(args),
+    p.add_argument(
+        "--batch_size",
+        type=int,
+        metavar="N",
+        default=DEFAULT_BATCH_SIZE,
+        help=f"patches per forward pass (default: {DEFAULT_BATCH_SIZE})",
     )
-    print(dataset)
-    print(report.summary())
-    return 0
+    if choices:
+        p.add_argument(
+            "--aggregation",
+            choices=AGGREGATIONS,
+            default=None,
+            help="patch-to-image vote (default: the model's, which its reported figures used)",
+        )
+        p.add_argument(
+            "--tta",
+            choices=TTA_MODES,
+            default=None,
+            help="test-time augmentation views averaged per patch (default: the model's, which its reported "
+            "figures used)",
+        )
 
 
-def _cmd_clean(args: argparse.Namespace) -> int:
-    from .data.cleaning import clean_dataset
-
-    # clean_dataset decodes with PIL's global limit (in forked workers too); it may not take every data option yet.
-    taken = inspect.signature(clean_dataset).parameters
-    options = {name: value for name, value in _data_options(args).items() if name in taken}
-    if args.on_error == "skip" and "on_error" not in taken:
-        print(f"hf-histo {args.command}: warning: --on_error skip is not supported by clean yet", file=sys.stderr)
-    with pixel_limit(args.max_image_pixels):
-        result = clean_dataset(args.data, args.out, layout=args.layout, manual_exclusions=args.exclude, **options)
-    print(result.summary())
-    return 0
-
-
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .inference.evaluate import evaluate_model
-
-    result = evaluate_model(
-        args.model,
-        args.data,
-        args.out,
-        layout=args.layout,
-        batch_size=args.batch_size,
-        aggregation=args.aggregation,
-        tta=args.tta,
-        n_bootstrap=args.n_bootstrap,
-        **_data_options(args),
+def _add_command(sub: argparse._SubParsersAction, name: str, help: str, **kwargs: Any) -> CommandParser:
+    p: CommandParser = sub.add_parser(name, help=help, description=kwargs.pop("description", help), **kwargs)
+    p.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log debug messages (default: off)"
     )
-    print(json.dumps({"image": result.metrics, "ci": result.ci, "patch": result.patch_metrics}, indent=2))
-    return 0
+    return p
 
 
-def _cmd_predict(args: argparse.Namespace) -> int:
-    from .inference.predict import predict_folder
-
-    path = predict_folder(
-        args.model,
-        args.data,
-        args.out,
-        layout=args.layout,
-        probs=args.probs,
-        batch_size=args.batch_size,
-        aggregation=args.aggregation,
-        tta=args.tta,
-        **_data_options(args),
-    )
-    print(f"wrote {path}")
-    return 0
-
-
-def _cmd_explain(args: argparse.Namespace) -> int:
-    from .inference.explain import explain_folder
-
-    paths = explain_folder(
-        args.model, args.data, args.out, layout=args.layout, max_images=args.max_images, **_data_options(args)
-    )
-    print(f"wrote {len(paths)} explanation images to {args.out}")
-    return 0
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
-    run_demo(args.out, quick=args.quick)
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> CommandParser:
     """The argument parser of the `hf-histo` command."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="hf-histo",
         description="Histopathology image classification with the Hugging Face stack: "
-        "inspect, clean and patch a data folder; evaluate, predict and explain with a trained model.",
+        "inspect, clean and patch a data folder; evaluate, predict, explain and serve (app) a trained model.",
+        epilog="Every command that reads data takes it as DATA or --data DATA. 'hf-histo COMMAND --help' lists "
+        "its options; 'hf-histo recipes' lists the training recipes.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages (default: off)")
+    sub = parser.add_commands(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("inspect", help="class counts, patches per image and flags; PNG overviews")
-    p.add_argument("data", help="data folder (challenge, table or class-folder layout)")
-    p.add_argument("--out", required=True, help="folder for the PNGs")
+    p = _add_command(sub, "inspect", "class counts, patches per image and flags; PNG overviews")
+    p.add_data_argument("data folder (any layout) or clean_manifest.csv")
+    p.add_argument("--out", required=True, help="folder for the PNGs and inspection.json; required")
     p.add_argument(
         "--strategy",
-        "--strategies",
-        dest="strategies",
         nargs="+",
         choices=STRATEGIES,
         metavar="STRATEGY",
         default=["grid", "components", "topk"],
-        help=f"patching strategies to compare, one or more of {', '.join(STRATEGIES)} (default: grid components topk)",
+        help="patching strategies to compare, one or more; it takes several values, so give DATA before it or as "
+        "--data (default: grid components topk)",
     )
     _add_patching_options(p, skip=("strategy", "paint_background"))  # inspection draws boxes, it crops nothing
     _add_data_options(p, "it is left out and listed in the report")
-    p.set_defaults(func=_cmd_inspect)
+    p.set_defaults(func=commands.cmd_inspect)
 
-    p = sub.add_parser(
+    p = _add_command(
+        sub,
         "build",
-        help="cut patches into the cached HF dataset and print its splits",
-        description="Cut patches into the cached HF dataset. The patching and split flags have the recipes' names "
-        "and defaults, so the same flags build (and reuse) the same cache as a training run.",
+        "cut patches into the cached HF dataset and print its splits and where the cache is",
+        description="Cut patches into the cached HF dataset and print its splits and its cache folder. The flags "
+        "have the recipes' names and DataArguments' defaults; each recipe sets its own patching (and some their "
+        "own --val_fraction) in RECIPE_DEFAULTS, so pass the recipe's values to build, and reuse, its cache.",
     )
-    p.add_argument("data", help="data folder or clean_manifest.csv")
+    p.add_data_argument("data folder (any layout) or clean_manifest.csv")
     _add_patching_options(p)
     p.add_argument(
         "--val_fraction",
         type=float,
         default=0.1,
-        help="share of groups (patients) held out for validation (default: 0.1)",
+        help="share of groups (patients) held out for validation (default: 0.1, DataArguments'; a recipe may set "
+        "its own in RECIPE_DEFAULTS)",
     )
     p.add_argument(
         "--seed",
         type=int,
         default=42,
-        help="split seed (default 42: a recipe splits with its --seed, whose default is 42, so the same flags give "
-        "the same split and reuse the same cache)",
+        help="split seed: a recipe splits with its --seed, so the same flags give the same split and reuse the same "
+        "cache (default: 42, the recipes')",
     )
     p.add_argument("--num_proc", type=int, default=None, help="processes cutting patches (default: one)")
-    p.add_argument("--cache_dir", default=None, help="datasets cache folder (default: HF_DATASETS_CACHE)")
-    p.add_argument("--exclude", default=None, help="exclusion file (e.g. clean_out/exclusions.txt): one id per line")
-    _add_data_options(p, "it is left out of the dataset and listed in the report")
-    p.set_defaults(func=_cmd_build)
-
-    p = sub.add_parser("clean", help="find duplicates, non-tissue images and colour artifacts; nothing is deleted")
-    p.add_argument("data", help="data folder")
-    p.add_argument("--out", required=True, help="folder for the report, the clean manifest and contact sheets")
-    p.add_argument("--exclude", default=None, help="manual exclusion file: one image id per line, '#' comments")
-    _add_data_options(p, "it is left out")
-    p.set_defaults(func=_cmd_clean)
-
-    p = sub.add_parser("evaluate", help="image- and patch-level metrics of a trained model on a labelled folder")
-    p.add_argument("--model", required=True, help=MODEL_HELP)
-    p.add_argument("--data", required=True, help="labelled data folder (any layout)")
-    p.add_argument("--out", required=True, help="metrics JSON file to write")
-    p.add_argument("--batch_size", type=int, default=32, help="patches per forward pass (default: 32)")
-    p.add_argument("--aggregation", choices=AGGREGATIONS, default=None, help="default: the model's")
-    p.add_argument("--tta", choices=TTA_MODES, default=None, help="test-time augmentation; default: the model's")
     p.add_argument(
-        "--n_bootstrap", type=int, default=1000, help="resamples of the macro-F1 95%% interval (default: 1000)"
+        "--cache_dir",
+        default=None,
+        help="datasets cache folder, as the recipes' --cache_dir (default: HF_DATASETS_CACHE, "
+        "~/.cache/huggingface/datasets)",
+    )
+    p.add_argument(
+        "--exclude",
+        default=None,
+        help="file of image ids to leave out, one per line (e.g. clean_out/exclusions.txt) (default: none)",
+    )
+    _add_data_options(p, "it is left out of the dataset and listed in the report")
+    p.set_defaults(func=commands.cmd_build)
+
+    p = _add_command(sub, "clean", "find duplicates, non-tissue images and colour artifacts; nothing is deleted")
+    p.add_data_argument("data folder (any layout)")
+    p.add_argument(
+        "--out", required=True, help="folder for the report, the clean manifest and contact sheets; required"
+    )
+    p.add_argument(
+        "--exclude",
+        default=None,
+        help="manual exclusion file: one image id per line, '#' comments (default: none)",
+    )
+    _add_data_options(p, "it is left out")
+    p.set_defaults(func=commands.cmd_clean)
+
+    p = _add_command(sub, "evaluate", "image- and patch-level metrics of a trained model on labelled data")
+    p.add_data_argument("labelled data: a data folder (any layout) or clean_manifest.csv")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--out", required=True, help="metrics JSON file to write; required")
+    _add_inference_options(p)
+    p.add_argument(
+        "--n_bootstrap",
+        type=int,
+        default=1000,
+        help="resamples of the macro-F1 95%% interval, as the recipes' --n_bootstrap (default: 1000)",
     )
     _add_data_options(p, "it is left out of the metrics, listed on stderr and in the JSON's failed list")
-    p.set_defaults(func=_cmd_evaluate)
+    p.set_defaults(func=commands.cmd_evaluate)
 
-    p = sub.add_parser("predict", help="one label per image into a submission CSV (sample_index,label)")
+    p = _add_command(sub, "predict", "one label per image into a submission CSV (sample_index,label)")
+    p.add_data_argument(
+        "images: a data folder (any layout, labelled or not), a plain folder of images, one image file, "
+        "or clean_manifest.csv"
+    )
     p.add_argument("--model", required=True, help=MODEL_HELP)
-    p.add_argument("--data", required=True, help="data folder (any layout, labelled or not)")
-    p.add_argument("--out", required=True, help="CSV file to write")
-    p.add_argument("--probs", action="store_true", help="add one probability column per class")
-    p.add_argument("--batch_size", type=int, default=32, help="patches per forward pass (default: 32)")
-    p.add_argument("--aggregation", choices=AGGREGATIONS, default=None, help="default: the model's")
-    p.add_argument("--tta", choices=TTA_MODES, default=None, help="test-time augmentation; default: the model's")
+    p.add_argument("--out", required=True, help="CSV file to write; required")
+    p.add_argument(
+        "--split",
+        choices=SPLIT_CHOICES,
+        default=None,
+        help="which images to predict; train and test need a layout with splits: challenge, table or manifest "
+        "(default: the test images on the challenge layout, a valid submission; all images on the others)",
+    )
+    p.add_argument("--probs", action="store_true", help="add one probability column per class (default: labels only)")
+    _add_inference_options(p)
     _add_data_options(
         p,
         "a bad image keeps its row, with an empty label and the reason in an error column; listed on stderr",
         on_error="skip",
     )
-    p.set_defaults(func=_cmd_predict)
+    p.set_defaults(func=commands.cmd_predict)
 
-    p = sub.add_parser("explain", help="per-image PNGs: patch probabilities and attention/Grad-CAM")
+    p = _add_command(sub, "explain", "per-image PNGs: patch probabilities and attention/Grad-CAM")
+    p.add_data_argument("images: a data folder (any layout), a plain folder of images, or one image file")
     p.add_argument("--model", required=True, help=MODEL_HELP)
-    p.add_argument("--data", required=True, help="data folder")
-    p.add_argument("--out", required=True, help="folder for the PNGs")
+    p.add_argument("--out", required=True, help="folder for the PNGs; required")
     p.add_argument("--max_images", type=int, default=None, help="explain the first N images (default: all)")
+    _add_inference_options(p, choices=False)
     _add_data_options(p, "a bad image gets no PNG and is listed on stderr", on_error="skip")
-    p.set_defaults(func=_cmd_explain)
+    p.set_defaults(func=commands.cmd_explain)
 
-    p = sub.add_parser("demo", help="the whole product on generated (synthetic) data, offline, in minutes")
-    p.add_argument("--out", default="hf_histo_demo", help="folder for everything the demo writes")
-    p.add_argument("--quick", action="store_true", help="smaller data and fewer steps (for tests)")
-    p.set_defaults(func=_cmd_demo)
+    p = _add_command(sub, "demo", "the whole product on generated (synthetic) data, offline, in minutes")
+    p.add_argument(
+        "--out", default="hf_histo_demo", help="folder for everything the demo writes (default: hf_histo_demo)"
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="smaller data and fewer steps, for tests (default: the full demo)"
+    )
+    p.set_defaults(func=commands.cmd_demo)
+
+    p = _add_command(sub, "app", "serve a trained model in the browser (Gradio): label, patch map, explanation, CSV")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on; 0.0.0.0 serves other machines (default: 127.0.0.1)",
+    )
+    p.add_argument("--port", type=int, default=7860, help="port to listen on (default: 7860)")
+    p.add_argument(
+        "--max_image_pixels",
+        type=int,
+        metavar="N",
+        default=None,
+        help="pixel limit of PIL's decompression-bomb check; raise it for trusted large images (default: PIL's)",
+    )
+    p.set_defaults(func=commands.cmd_app)
+
+    p = _add_command(sub, "recipes", "list the training recipes: the seed system each reproduces, how to launch it")
+    p.set_defaults(func=commands.cmd_recipes)
+
+    for command in parser.commands.values():
+        command.set_usage()
     return parser
 
 

@@ -81,12 +81,12 @@ def test_build_command_has_every_patching_flag_with_the_recipes_defaults():
     assert parser.parse_args(["build", "DATA", "--paint_background", "false"]).paint_background is False
 
 
-def test_inspect_command_takes_strategy_or_strategies():
+def test_inspect_command_takes_one_or_more_strategies():
     parser = build_parser()
     common = ["inspect", "DATA", "--out", "o", "--patch_size", "64"]
-    one = parser.parse_args([*common, "--strategy", "topk", "grid"])
-    two = parser.parse_args([*common, "--strategies", "topk", "grid"])
-    assert one.strategies == two.strategies == ["topk", "grid"] and one.patch_size == 64
+    args = parser.parse_args([*common, "--strategy", "topk", "grid"])
+    assert args.strategy == ["topk", "grid"] and args.patch_size == 64
+    assert parser.parse_args([*common, "--strategy", "grid"]).strategy == ["grid"]
 
 
 def test_build_command_and_a_recipe_share_the_cache(tmp_path, capsys):

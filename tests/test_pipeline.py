@@ -18,12 +18,8 @@ from hf_histo.data.patching import PatchingConfig, crop_patch
 from hf_histo.data.transforms import make_image_processor
 from hf_histo.hub import save_for_hub
 from hf_histo.inference.engine import PatchedImage
-from hf_histo.inference.pipeline import (
-    TASK,
-    HistoImageClassificationPipeline,
-    load_pipeline,
-    register_pipeline_task,
-)
+from hf_histo.inference.loading import load_pipeline
+from hf_histo.inference.pipeline import TASK, HistoImageClassificationPipeline, register_pipeline_task
 
 
 @pytest.fixture(scope="module")

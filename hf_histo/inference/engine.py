@@ -18,8 +18,7 @@ from PIL import Image
 from ..data.images import DataError, load_rgb
 from ..data.masks import resolve_mask
 from ..data.patching import PatchBox, PatchingConfig, crop_patch
-from ..models.aggregation import AGGREGATIONS, aggregate
-from ..models.configuration_histo import TTA_MODES
+from ..models.aggregation import AGGREGATIONS, TTA_MODES, aggregate
 
 DEFAULT_BATCH_SIZE = 32
 

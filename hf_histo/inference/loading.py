@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from huggingface_hub.errors import HFValidationError
@@ -13,6 +14,7 @@ from huggingface_hub.utils import validate_repo_id
 from ..data.images import DataError
 from ..models.ensemble import FoldEnsemble
 from .engine import DEFAULT_BATCH_SIZE, InferenceEngine
+from .pipeline import TASK, HistoImageClassificationPipeline, register_pipeline_task
 
 ModelSource = str | os.PathLike | Sequence[str | os.PathLike]
 
@@ -83,7 +85,7 @@ def _check_creatable(folder: Path) -> None:
             return
 
 
-def _fold_dirs(source: ModelSource) -> list[Path] | None:
+def fold_dirs(source: ModelSource) -> list[Path] | None:
     """The fold folders of a CV root or a list of folders; None for a single model folder (or a Hub id)."""
     if not isinstance(source, (str, os.PathLike)):
         return [Path(p) for p in source]
@@ -122,10 +124,13 @@ def load_engine(
     """
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
+    from ..models import register_auto_classes
+
     check_model_source(model)
+    register_auto_classes()  # the package registers lazily: the Auto classes must know hf-histo's model type here
     if isinstance(model, str) and model.startswith("~"):
         model = os.path.expanduser(model)
-    folds = _fold_dirs(model)
+    folds = fold_dirs(model)
     if folds is None:
         if isinstance(model, (str, os.PathLike)) and os.path.exists(model) and not Path(model).is_dir():
             raise FileNotFoundError(f"{model}: not a model folder; pass the folder a recipe wrote.")
@@ -146,4 +151,42 @@ def load_engine(
         tta=tta,
         batch_size=batch_size,
         max_image_pixels=max_image_pixels,
+    )
+
+
+def load_pipeline(
+    model: str | os.PathLike,
+    *,
+    device: int | str | torch.device | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    trust_remote_code: bool | None = None,
+    **kwargs: Any,
+) -> HistoImageClassificationPipeline:
+    """Build the pipeline of a saved checkpoint with this module's class (no `trust_remote_code` needed in-process).
+
+    `pipeline("histo-image-classification", model=DIR)` asks for `trust_remote_code=True` because the checkpoint
+    declares its pipeline in `custom_pipelines`; this helper uses the installed class instead.
+
+    Args:
+        model: Checkpoint folder or Hub id.
+        device: Torch device (or index) to run on; the model's device by default.
+        batch_size: Patches per forward pass.
+        trust_remote_code: Passed to `transformers.pipeline` (model and config classes).
+        **kwargs: More `transformers.pipeline` arguments (`dtype`, `revision`, ...).
+    """
+    from transformers import pipeline as hf_pipeline
+
+    from ..models import register_auto_classes
+
+    check_model_source(model)
+    register_auto_classes()  # the package registers lazily: the Auto classes must know hf-histo's model type here
+    register_pipeline_task()
+    return hf_pipeline(
+        TASK,
+        model=os.fspath(model),
+        pipeline_class=HistoImageClassificationPipeline,
+        device=device,
+        batch_size=batch_size,
+        trust_remote_code=trust_remote_code,
+        **kwargs,
     )

@@ -8,9 +8,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import torch
 from transformers import AutoModelForImageClassification, Pipeline
-from transformers import pipeline as hf_pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .engine import (
@@ -236,36 +234,4 @@ def register_pipeline_task() -> None:
         )
     PIPELINE_REGISTRY.register_pipeline(
         TASK, pipeline_class=HistoImageClassificationPipeline, pt_model=AutoModelForImageClassification, type="image"
-    )
-
-
-def load_pipeline(
-    model: str | os.PathLike,
-    *,
-    device: int | str | torch.device | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    trust_remote_code: bool | None = None,
-    **kwargs: Any,
-) -> HistoImageClassificationPipeline:
-    """Build the pipeline of a saved checkpoint with this module's class (no `trust_remote_code` needed in-process).
-
-    `pipeline("histo-image-classification", model=DIR)` asks for `trust_remote_code=True` because the checkpoint
-    declares its pipeline in `custom_pipelines`; this helper uses the installed class instead.
-
-    Args:
-        model: Checkpoint folder or Hub id.
-        device: Torch device (or index) to run on; the model's device by default.
-        batch_size: Patches per forward pass.
-        trust_remote_code: Passed to `transformers.pipeline` (model and config classes).
-        **kwargs: More `transformers.pipeline` arguments (`dtype`, `revision`, ...).
-    """
-    register_pipeline_task()
-    return hf_pipeline(
-        TASK,
-        model=os.fspath(model),
-        pipeline_class=HistoImageClassificationPipeline,
-        device=device,
-        batch_size=batch_size,
-        trust_remote_code=trust_remote_code,
-        **kwargs,
     )

@@ -1,12 +1,15 @@
-"""Models layer: histology classifier config/model, backbone table and LoRA helpers; registers the Auto classes."""
+"""Models layer: histology classifier config/model, backbone table and LoRA helpers; Auto classes registered lazily."""
 
-from transformers import AutoConfig, AutoModelForImageClassification
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from __future__ import annotations
 
-from .backbones import BACKBONES, BackboneSpec, get_backbone_spec, tiny_backbone_config
-from .configuration_histo import HistoClassifierConfig
-from .lora import apply_lora, merge_lora
-from .modeling_histo import HistoClassifierForImageClassification
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .backbones import BACKBONES, BackboneSpec, get_backbone_spec, tiny_backbone_config
+    from .configuration_histo import HistoClassifierConfig
+    from .lora import apply_lora, merge_lora
+    from .modeling_histo import HistoClassifierForImageClassification
 
 __all__ = [
     "BACKBONES",
@@ -20,23 +23,67 @@ __all__ = [
     "tiny_backbone_config",
 ]
 
+# Public name -> submodule. Importing this package imports neither torch nor transformers (aggregation.py and
+# backbones.py are numpy/stdlib only); the first name read from a transformers module registers the Auto classes.
+_LAZY = {
+    "BACKBONES": "backbones",
+    "BackboneSpec": "backbones",
+    "get_backbone_spec": "backbones",
+    "tiny_backbone_config": "backbones",
+    "HistoClassifierConfig": "configuration_histo",
+    "HistoClassifierForImageClassification": "modeling_histo",
+    "apply_lora": "lora",
+    "merge_lora": "lora",
+}
+_REGISTERING = frozenset({"configuration_histo", "modeling_histo", "lora"})
+_registered = False
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    if module in _REGISTERING and not _registered:
+        register_auto_classes()
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 def _same_class(a: type, b: type) -> bool:
     # A re-import (importlib.reload, a second import path) creates a new class object with the same qualified name.
     return a is b or (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
 
 
-def register_auto_classes(
-    config_class: type = HistoClassifierConfig, model_class: type = HistoClassifierForImageClassification
-) -> None:
+def register_auto_classes(config_class: type | None = None, model_class: type | None = None) -> None:
     """Register the classifier with `AutoConfig`/`AutoModelForImageClassification` and for remote code.
 
     Idempotent for the same classes; raises when another class already claims the model type, because
-    transformers would otherwise silently replace it.
+    transformers would otherwise silently replace it. Reading `HistoClassifierConfig` or
+    `HistoClassifierForImageClassification` from `hf_histo` or `hf_histo.models` calls it, and so do the library's
+    own loaders before `from_pretrained`; call it yourself before `AutoModelForImageClassification.from_pretrained`
+    of an hf-histo folder (without `trust_remote_code`) when nothing else has.
+
+    Args:
+        config_class: The config class (default: `HistoClassifierConfig`).
+        model_class: The model class (default: `HistoClassifierForImageClassification`).
 
     Raises:
         ValueError: `config_class.model_type` is registered to a different class.
     """
+    global _registered
+    from transformers import AutoConfig, AutoModelForImageClassification
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from .configuration_histo import HistoClassifierConfig
+    from .modeling_histo import HistoClassifierForImageClassification
+
+    config_class = HistoClassifierConfig if config_class is None else config_class
+    model_class = HistoClassifierForImageClassification if model_class is None else model_class
     model_type = config_class.model_type
     try:
         existing = CONFIG_MAPPING[model_type]
@@ -53,6 +100,5 @@ def register_auto_classes(
     # and writes `auto_map`, so a checkpoint loads with trust_remote_code=True where hf_histo is not installed.
     config_class.register_for_auto_class()
     model_class.register_for_auto_class("AutoModelForImageClassification")
-
-
-register_auto_classes()
+    if config_class is HistoClassifierConfig and model_class is HistoClassifierForImageClassification:
+        _registered = True

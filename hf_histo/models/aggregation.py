@@ -9,6 +9,9 @@ from collections.abc import Sequence
 import numpy as np
 
 AGGREGATIONS = ("soft", "hard", "mask_weighted")
+# Test-time augmentation: the views whose softmax is averaged per patch before the image vote (identity; + h/v
+# flips; the 8 flips and quarter turns). Here, not in the config module, so the CLI lists them without transformers.
+TTA_MODES = ("none", "flips", "d4")
 
 # Added to the tie-winner's vote fraction (before renormalising) so that argmax names the winner.
 TIE_EPSILON = 1e-6

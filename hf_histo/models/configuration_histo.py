@@ -7,14 +7,13 @@ from typing import Any
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from .aggregation import AGGREGATIONS
+from .aggregation import AGGREGATIONS, TTA_MODES
 from .backbones import POOLINGS, get_backbone_spec
 
 # Ships with checkpoints: imports only stdlib/transformers and sibling modules, relatively.
 
 HEADS = ("linear", "mlp", "deep")
 FREEZE_POLICIES = ("none", "backbone", "backbone_except_norm", "last_n")
-TTA_MODES = ("none", "flips", "d4")  # test-time augmentation views: identity; + h/v flips; the 8 flips and turns
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:

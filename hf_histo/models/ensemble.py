@@ -42,6 +42,9 @@ class FoldEnsemble(nn.Module):
         """Load fold models from folders; a CV root folder expands to its `fold_*` subfolders."""
         from transformers import AutoModelForImageClassification
 
+        from . import register_auto_classes
+
+        register_auto_classes()  # idempotent; the package registers lazily, the folds load by Auto class
         if isinstance(paths, (str, Path)):
             root = Path(paths)
             fold_dirs = sorted(p for p in root.glob("fold_*") if (p / "config.json").is_file())
