@@ -11,9 +11,10 @@ from hf_histo.data.images import DataError
 from hf_histo.data.transforms import make_image_processor
 from hf_histo.hub import save_for_hub
 from hf_histo.inference.engine import InferenceEngine
-from hf_histo.inference.explain import attention_rollout, explain_folder, explain_image, grad_cam, patch_saliency
-from hf_histo.inference.pipeline import load_pipeline
+from hf_histo.inference.explain import explain_folder, explain_image
+from hf_histo.inference.loading import load_pipeline
 from hf_histo.inference.predict import predict_folder
+from hf_histo.inference.saliency import attention_rollout, grad_cam, patch_saliency
 from hf_histo.models import HistoClassifierConfig, HistoClassifierForImageClassification, tiny_backbone_config
 
 LABELS = {0: "HER2(+)", 1: "Luminal A", 2: "Luminal B", 3: "Triple negative"}
@@ -75,7 +76,7 @@ def read_csv(path):
 
 # ---- predict --------------------------------------------------------------------------------------------------------
 def test_predict_writes_the_submission_format(vit_dir, challenge, tmp_path):
-    out = predict_folder(vit_dir, challenge, tmp_path / "submission.csv", progress=False)
+    out = predict_folder(vit_dir, challenge, tmp_path / "submission.csv", split="all", progress=False)
     rows = read_csv(out)
     assert rows[0] == ["sample_index", "label"]
     assert [r[0] for r in rows[1:]] == [f"img_{i:04d}.png" for i in range(5)]  # train and test, file names
@@ -88,7 +89,7 @@ def test_predict_writes_the_submission_format(vit_dir, challenge, tmp_path):
 
 def test_predict_probs_adds_one_column_per_class(vit_dir, challenge, tmp_path):
     out = predict_folder(
-        vit_dir, challenge, tmp_path / "probs.csv", probs=True, tta="d4", batch_size=3, progress=False
+        vit_dir, challenge, tmp_path / "probs.csv", probs=True, tta="d4", batch_size=3, split="all", progress=False
     )
     rows = read_csv(out)
     assert rows[0] == ["sample_index", "label", *LABELS.values()]
@@ -117,10 +118,19 @@ def test_predict_uses_the_models_tta_and_aggregation_unless_told(challenge, tmp_
         scores = {e["label"]: e["score"] for e in pipe(str(image), mask=str(mask), top_k=4, **kwargs)}
         return [scores[v] for v in LABELS.values()]
 
-    default = row_probs(predict_folder(model_dir, challenge, tmp_path / "a.csv", probs=True, progress=False))
+    default = row_probs(
+        predict_folder(model_dir, challenge, tmp_path / "a.csv", probs=True, split="all", progress=False)
+    )
     np.testing.assert_allclose(default, pipe_probs(tta="flips", aggregation="hard"), atol=1e-5)
     told = predict_folder(
-        model_dir, challenge, tmp_path / "b.csv", probs=True, tta="none", aggregation="soft", progress=False
+        model_dir,
+        challenge,
+        tmp_path / "b.csv",
+        probs=True,
+        tta="none",
+        aggregation="soft",
+        split="all",
+        progress=False,
     )
     np.testing.assert_allclose(row_probs(told), pipe_probs(tta="none", aggregation="soft"), atol=1e-5)
     assert not np.allclose(row_probs(told), default, atol=1e-5)

@@ -18,7 +18,17 @@ from .sources import SampleSet
 __all__ = ["dataset_fingerprint", "package_version"]
 
 # The modules whose code decides a dataset's content: their source is part of the cache key.
-CODE_FILES = ("sources.py", "images.py", "masks.py", "patching.py", "splits.py", "builder.py")
+CODE_FILES = (
+    "sources.py",
+    "layouts.py",
+    "samples.py",
+    "listings.py",
+    "images.py",
+    "masks.py",
+    "patching.py",
+    "splits.py",
+    "builder.py",
+)
 
 
 def package_version() -> str:

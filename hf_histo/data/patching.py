@@ -377,7 +377,13 @@ def crop_patch(
     """
     x0, y0 = max(box.x, 0), max(box.y, 0)
     x1, y1 = min(box.x + box.w, image.width), min(box.y + box.h, image.height)
-    inside = image.crop((x0, y0, x1, y1))
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and (x1 - x0) * (y1 - y0) > limit:
+        # PIL checks a crop's size against the decompression-bomb limit; this image is decoded already (under the
+        # limit its caller chose), so a large crop (strategy "whole") is cut from the array instead.
+        inside = Image.fromarray(np.asarray(image.convert("RGB"))[y0:y1, x0:x1])
+    else:
+        inside = image.crop((x0, y0, x1, y1))
     if paint_background and mask is not None:
         keep = np.asarray(mask[y0:y1, x0:x1], dtype=bool)
         arr = np.asarray(inside.convert("RGB")).copy()

@@ -15,6 +15,7 @@ from .loading import ModelSource, check_output_file, load_engine
 from .plots import plot_confusion_matrix
 from .predict import check_on_error, log_failures, with_skip_hint
 from .results import ImageLevelResult
+from .trained_images import trained_on
 
 
 def evaluate_samples(
@@ -106,18 +107,22 @@ def evaluate_model(
     on_error: str = "raise",
     resize_masks: bool = False,
     max_image_pixels: int | None = None,
+    masks: str | Path | None = None,
 ) -> ImageLevelResult:
     """Score a model on every labelled image of a folder (``hf-histo evaluate``).
 
     Patches are cut, classified and aggregated by the inference engine with the model's own patching, TTA and
     aggregation (unless overridden), exactly as the pipeline and the end-of-training evaluation do. The output
-    path is checked before any work.
+    path is checked before any work. Images the model trained on (its splits.json, or any fold's, says which) are
+    named in one warning and in ``result.trained_on``: their figures are optimistic. ``result.table()`` is the
+    short text summary.
 
     Args:
         model: A trained model folder, a cross-validation root (its ``fold_*`` models are ensembled), or a list.
         data: A labelled folder in any layout (or a clean manifest CSV).
         out_path: JSON to write (atomically; also ``<stem>_confusion_matrix.png`` next to it); None: do not write.
-            Its ``failed`` list holds ``{"file", "error"}`` of every image or data row left out (``on_error="skip"``).
+            Its ``failed`` list holds ``{"file", "error"}`` of every image or data row left out (``on_error="skip"``),
+            its ``trained_on`` list the ids of the images the model trained on.
         layout: Force the folder layout.
         batch_size: Patches per forward pass.
         aggregation: ``"soft"``, ``"hard"`` or ``"mask_weighted"`` (default: the model's).
@@ -129,6 +134,8 @@ def evaluate_model(
             then cover fewer images: the failures are logged and listed in the JSON).
         resize_masks: Resize masks whose size differs from their image instead of failing.
         max_image_pixels: Raise PIL's decompression-bomb limit for trusted large images.
+        masks: A folder of masks named like the images (``masks/<image name>``); a given mask overrides the
+            layout's own for its image (see ``read_samples``).
 
     Raises:
         DataError: The folder has no labelled image, labels the model does not know, a bad image (with
@@ -146,13 +153,18 @@ def evaluate_model(
         tta=tta,
         max_image_pixels=max_image_pixels,
     )
-    sample_set = read_samples(data, layout=layout, on_error=on_error)
+    sample_set = read_samples(data, layout=layout, on_error=on_error, masks=masks)
     labelled = [s for s in sample_set.samples if s.label is not None]
     if not labelled:
-        raise DataError(f"{data}: no labelled images to evaluate (found {len(sample_set.samples)} unlabelled)")
+        raise DataError(
+            f"{data}: no labelled images to evaluate (found {len(sample_set.samples)} unlabelled, "
+            f"{sample_set.layout} layout); give labels (e.g. images/ + labels.csv), or use `hf-histo predict`"
+        )
+    trained = set(trained_on(model, labelled))  # warned before the long part, so that it can be stopped
     result, failed = _evaluate(
         engine, labelled, Path(str(data)).name, n_bootstrap, 0, progress, on_error, resize_masks
     )
+    result.trained_on = [i for i in result.image_ids if i in trained]
     log_failures(sample_set.skipped, len(sample_set.samples) + len(sample_set.skipped), "data rows left out")
     if out_path is not None:
         source = [str(p) for p in model] if isinstance(model, (list, tuple)) else str(model)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import logging
@@ -11,9 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..data.images import DataError
-from ..data.sources import OnError, Sample, read_samples
+from ..data.sources import OnError, Sample, SampleSet, read_samples
 from ..utils import atomic_write_text, csv_safe
-from .engine import ITEM_ERRORS, item_error
+from .engine import ITEM_ERRORS, InferenceEngine, check_aggregation, check_tta, item_error
 from .loading import ModelSource, check_output_file, load_engine
 
 logger = logging.getLogger("hf_histo.inference")  # predict, evaluate and explain report failures here
@@ -59,8 +60,29 @@ def _sample_names(samples: list[Sample], root: Path) -> list[str]:
     return names
 
 
+def _select_split(sample_set: SampleSet, split: str | None) -> tuple[list[Sample], str]:
+    """The samples `predict_folder` predicts, and how to name them in a message.
+
+    None takes every image, except on the challenge layout: its `test_data` images (a submission); a challenge folder
+    without them gives its train_data images, with a warning.
+    """
+    if split is not None:
+        return sample_set.select(split), f"split {split!r}"
+    if sample_set.layout != "challenge":
+        return sample_set.samples, "all images"
+    if sample_set.test:
+        return sample_set.test, "split 'test', the challenge layout's default: --split all for every image"
+    logger.warning(
+        "%s: no test_data/ images, so the %d train_data images are predicted; pass --split train (split='train') to "
+        "say so, or add the images to submit to test_data/.",
+        sample_set.root,
+        len(sample_set.samples),
+    )
+    return sample_set.samples, "split 'train': no test_data/ images"
+
+
 def predict_folder(
-    model_dir: ModelSource,
+    model_dir: ModelSource | InferenceEngine,
     data_dir: str | os.PathLike,
     out_csv: str | os.PathLike,
     *,
@@ -74,16 +96,21 @@ def predict_folder(
     resize_masks: bool = False,
     max_image_pixels: int | None = None,
     on_error: str = "raise",
+    masks: str | os.PathLike | None = None,
+    split: str | None = None,
 ) -> Path:
-    """Classify every image of a folder and write the challenge's submission CSV.
+    """Classify the images of a folder (or one image file) and write the challenge's submission CSV.
 
-    All images are predicted, labelled or not (train and test samples alike), each patched with its mask when the
-    data has one and with tissue detection otherwise, by the inference engine `pipeline("histo-image-classification")`
-    runs on. The output path is checked before any work.
+    Every image is predicted, labelled or not, except on the challenge layout, where the default is the `test_data`
+    images only (a valid submission); `split` chooses. Each image is patched with its mask when there is one and with
+    tissue detection otherwise, by the inference engine `pipeline("histo-image-classification")` runs on. The output
+    path is checked before any work; how many rows were written, and of which split, is logged (info).
 
     Args:
-        model_dir: Checkpoint folder (or Hub id) saved by hf-histo, or a cross-validation root (fold ensemble).
-        data_dir: Data folder in any layout `read_samples` knows, or a clean manifest CSV.
+        model_dir: Checkpoint folder (or Hub id) saved by hf-histo, a cross-validation root (fold ensemble), or a
+            loaded `InferenceEngine` (its model is reused; `batch_size`, `aggregation` and `tta` still apply).
+        data_dir: Data folder in any layout `read_samples` knows (a plain folder of images too), a clean manifest
+            CSV, or one image file.
         out_csv: CSV to write (atomically): `sample_index,label`, one row per image in image-id order;
             `sample_index` is the image's file name as in the data. With `on_error="skip"` and a failed image, an
             `error` column says why (empty for the images that were predicted; their label is empty). Cells a
@@ -99,28 +126,40 @@ def predict_folder(
         max_image_pixels: Raise PIL's decompression-bomb limit for trusted large images.
         on_error: `"raise"` stops at the first bad image (nothing is written); `"skip"` goes on, gives the bad image
             a row with its `error`, leaves unreadable data rows out, and logs every failure in one warning.
+        masks: A folder of masks named like the images (`masks/<image name>`), or one mask file when `data_dir` is one
+            image file; a given mask overrides the layout's own for its image (see `read_samples`).
+        split: `"all"`, `"train"` or `"test"` (`Sample.split`); None: the challenge layout's `test_data` images (its
+            `train_data` images, with a warning, when there are none), every image of the other layouts.
+            `"train"`/`"test"` need a layout with splits (challenge, table, manifest).
 
     Returns:
         `out_csv` as a `Path`.
 
     Raises:
-        DataError: A data problem, naming the file (unreadable image, mask of the wrong size, ...), or an output
-            path that cannot be written.
+        DataError: A data problem, naming the file (unreadable image, mask of the wrong size, ...), a split the data
+            does not have, or an output path that cannot be written.
     """
     from tqdm.auto import tqdm
 
     check_on_error(on_error)
     out_csv = check_output_file(out_csv, "submission.csv")
-    sample_set = read_samples(data_dir, layout=layout, on_error=on_error)
-    samples = sample_set.samples
-    engine = load_engine(
-        model_dir,
-        device=device,
-        batch_size=batch_size,
-        aggregation=aggregation,
-        tta=tta,
-        max_image_pixels=max_image_pixels,
-    )
+    sample_set = read_samples(data_dir, layout=layout, on_error=on_error, masks=masks)
+    samples, chosen = _select_split(sample_set, split)
+    if isinstance(model_dir, InferenceEngine):  # e.g. the web app's loaded model: the overrides go on a copy
+        engine = copy.copy(model_dir)
+        engine.batch_size = batch_size
+        engine.aggregation = check_aggregation(aggregation) if aggregation else engine.aggregation
+        engine.tta = check_tta(tta) if tta else engine.tta
+        engine.max_image_pixels = max_image_pixels if max_image_pixels is not None else engine.max_image_pixels
+    else:
+        engine = load_engine(
+            model_dir,
+            device=device,
+            batch_size=batch_size,
+            aggregation=aggregation,
+            tta=tta,
+            max_image_pixels=max_image_pixels,
+        )
     labels = engine.labels
     names = _sample_names(samples, sample_set.root)
     ids_as_given = sample_set.layout == "challenge"  # the challenge's sample_index cells are the grader's ids
@@ -152,6 +191,9 @@ def predict_folder(
         cells = cells if failed else cells[:-1]
         writer.writerow([name if ids_as_given else csv_safe(name), *(csv_safe(cell) for cell in cells)])
     path = atomic_write_text(out_csv, buffer.getvalue())
+    logger.info(
+        "wrote %d rows to %s (%s) from %s (%s layout)", len(rows), path, chosen, sample_set.root, sample_set.layout
+    )
     log_failures(failed, len(samples), f"error column of {path}")
     log_failures(sample_set.skipped, len(samples) + len(sample_set.skipped), "data rows left out of the CSV")
     return path

@@ -34,6 +34,8 @@ class ImageLevelResult:
         ci: 95% bootstrap interval per metric, e.g. ``{"macro_f1": [0.61, 0.88]}``.
         patch_metrics: The same metrics at patch level (each patch carries its image's label), when computed.
         n_patches: Patches behind the predictions.
+        trained_on: Ids of the images the model trained on (``evaluate_model`` checks its splits.json): their
+            figures are optimistic.
     """
 
     labels: list[str]
@@ -47,6 +49,7 @@ class ImageLevelResult:
     ci: dict[str, list[float]] = field(default_factory=dict)
     patch_metrics: dict[str, Any] | None = None
     n_patches: int = 0
+    trained_on: list[str] = field(default_factory=list)
 
     @classmethod
     def from_predictions(
@@ -150,6 +153,35 @@ class ImageLevelResult:
         """``probs`` as a ``[n_images, n_classes]`` float64 array."""
         return np.asarray(self.probs, dtype=np.float64).reshape(len(self.image_ids), len(self.labels))
 
+    def table(self) -> str:
+        """A short text summary: images, image macro-F1 (95% CI), balanced accuracy, AUROC, patch macro-F1, and the
+        confusion matrix (true classes in rows, predicted in columns)."""
+        m, patch = self.metrics, self.patch_metrics or {}
+        scored = m.get("n", 0)
+        unscored = f" ({self.n_images - scored} unlabelled, not scored)" if self.n_images > scored else ""
+        ci = self.ci.get("macro_f1") or []
+        interval = f"  (95% CI {ci[0]:.3f} to {ci[1]:.3f})" if len(ci) == 2 and _finite(ci) else ""
+        lines = [
+            f"{self.split} ({self.aggregation} aggregation, TTA {self.tta})",
+            f"{'images':<18} {scored}{unscored}",
+            f"{'image macro-F1':<18} {_figure(m.get('macro_f1'))}{interval}",
+            f"{'balanced accuracy':<18} {_figure(m.get('balanced_accuracy'))}",
+            f"{'AUROC (macro)':<18} {_figure(m.get('auroc'))}",
+            f"{'patch macro-F1':<18} {_figure(patch.get('macro_f1'))}"
+            + (f"  ({self.n_patches} patches)" if self.n_patches else ""),
+        ]
+        if self.trained_on:
+            lines.append(f"{'trained on':<18} {len(self.trained_on)} of the images: these figures are optimistic")
+        matrix = m.get("confusion_matrix") or []
+        if matrix:
+            width = max(len(name) for name in self.labels)
+            cells = [max(len(name), *(len(str(row[j])) for row in matrix)) for j, name in enumerate(self.labels)]
+            lines += ["", "confusion matrix (rows: true, columns: predicted)"]
+            lines.append(" " * width + "".join(f"  {name:>{w}}" for name, w in zip(self.labels, cells)))
+            for name, row in zip(self.labels, matrix):
+                lines.append(f"{name:<{width}}" + "".join(f"  {value:>{w}}" for value, w in zip(row, cells)))
+        return "\n".join(lines)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (NaN becomes null); ``from_dict`` reads it back."""
         return _jsonable(asdict(self))
@@ -168,6 +200,14 @@ class ImageLevelResult:
     def load(cls, path: str | Path) -> ImageLevelResult:
         """Read a JSON file written by ``save`` (a run's metrics.json)."""
         return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def _finite(values: Sequence[float | None]) -> bool:
+    return all(v is not None and math.isfinite(v) for v in values)
+
+
+def _figure(value: float | None) -> str:
+    return f"{value:.3f}" if value is not None and math.isfinite(value) else "n/a"
 
 
 def _jsonable(value: Any) -> Any:

@@ -20,13 +20,13 @@ from ..inference.engine import InferenceEngine
 from ..inference.evaluate import evaluate_samples
 from ..inference.plots import plot_confusion_matrix, plot_training_curves
 from ..inference.results import ImageLevelResult
+from ..inference.trained_images import SPLITS_NAME, splits_record
 from ..utils import atomic_write_text
 from .metrics import dataset_column
 from .trainer import final_model
 
 logger = logging.getLogger(__name__)
 
-SPLITS_NAME = "splits.json"
 # A final save is written into STAGING_NAME inside the output folder, then published: its files are moved into place
 # (renames, no copy) and the names are listed in INDEX_NAME, so that the next publication removes the ones it lacks.
 STAGING_NAME = ".final-tmp"
@@ -212,7 +212,9 @@ def finalize_run(
     `hf-histo evaluate` and `pipeline(...)` reproduce from the raw images named in `splits.json`. The model config
     records that TTA (`config.tta`) so every inference entry point uses it by default.
 
-    Writes (main process): `splits.json` (`{"train": [image_id, ...], "validation": [...], "test": [...]}`),
+    Writes (main process): `splits.json` (`{"train": [image_id, ...], "validation": [...], "test": [...]}` and the
+    content fingerprint of each image under `"fingerprints"`, which `hf-histo evaluate` matches to warn about
+    images the model trained on),
     `metrics.json` (the `ImageLevelResult` plus `run`, `best_checkpoint`, `global_step`, `epoch`),
     `confusion_matrix.png`, `training_curves.png`, and with `save_model` the model (LoRA merged) and its image
     processor. They appear at once (`final_files`): with `save_model` when this call ends, without it when
@@ -237,13 +239,14 @@ def finalize_run(
     result = None
     if trainer.is_world_process_zero():
         with final_files(output_dir, publish=save_model) as staging:  # published at once, see above
-            atomic_write_text(staging / SPLITS_NAME, json.dumps(splits, indent=1) + "\n")
+            sample_set = read_samples(
+                data_args.data_dir, layout=data_args.layout, on_error=data_args.on_error, exclude=data_args.exclude
+            )
+            record = splits_record(splits, sample_set.samples)
+            atomic_write_text(staging / SPLITS_NAME, json.dumps(record, indent=1) + "\n")
             processor = make_image_processor(trainer.processing_class)
             validation = set(splits.get("validation", []))
             if validation:
-                sample_set = read_samples(
-                    data_args.data_dir, layout=data_args.layout, on_error=data_args.on_error, exclude=data_args.exclude
-                )
                 samples = [s for s in sample_set.samples if s.image_id in validation]
                 engine = InferenceEngine(
                     model,
