@@ -21,6 +21,7 @@ from hf_histo.training.arguments import parse_args
 from hf_histo.training.cross_validation import run_cross_validation
 from hf_histo.training.finalize import finalize_run
 from hf_histo.training.run import build_datasets, build_model, run_info, setup_logging, with_patch_transforms
+from hf_histo.training.summary import print_run_summary
 from hf_histo.training.trainer import HistoTrainer
 
 RECIPE_DEFAULTS = dict(
@@ -76,6 +77,8 @@ def main(data_args, model_args, training_args):
 if __name__ == "__main__":
     data_args, model_args, training_args = parse_args(RECIPE_DEFAULTS)
     if data_args.n_folds and data_args.fold is None:
-        run_cross_validation(main, data_args, model_args, training_args)
+        cv = run_cross_validation(main, data_args, model_args, training_args)
+        print_run_summary(training_args, data_args, cv=cv)  # mean ± std over folds, out-of-fold, next commands
     else:
-        main(data_args, model_args, training_args)
+        result = main(data_args, model_args, training_args)
+        print_run_summary(training_args, data_args, result=result)  # model folder, kept epoch, next commands

@@ -30,8 +30,7 @@ from hf_histo.data.transforms import make_image_processor
 from hf_histo.hub import save_for_hub
 from hf_histo.inference.evaluate import evaluate_model
 from hf_histo.inference.explain import explain_folder
-from hf_histo.inference.loading import load_engine
-from hf_histo.inference.pipeline import load_pipeline
+from hf_histo.inference.loading import load_engine, load_pipeline
 from hf_histo.inference.predict import predict_folder
 from hf_histo.models import HistoClassifierConfig, HistoClassifierForImageClassification, tiny_backbone_config
 
@@ -347,7 +346,8 @@ def recipe_arguments_reach_the_builder(env):
         + ["--max_image_pixels", "123", "--use_cpu"],
     )
     seen = {}
-    env.mp.setattr("hf_histo.data.builder.load_patch_dataset", lambda *a, **kw: seen.update(kw))
+    report = SimpleNamespace(summary=lambda: "")
+    env.mp.setattr("hf_histo.data.builder.build_patch_dataset", lambda *a, **kw: (seen.update(kw), report))
     run_module.build_datasets(data_args)
     assert (seen["on_error"], seen["resize_masks"], seen["max_image_pixels"]) == ("skip", True, 123)
 

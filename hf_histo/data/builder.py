@@ -411,7 +411,7 @@ def build_patch_dataset(
     else:  # a cache prepared without the report (by hand with another version): count what is there
         report = builder.report_from_dataset(dataset)
     report.cache_dir, report.cached, report.seconds = builder.cache_dir, cached, time.perf_counter() - start
-    logger.info("%s", report.summary())
+    logger.debug("%s", report.summary())  # the caller shows it once (`hf-histo build` prints it, recipes log it)
     return dataset, report
 
 

@@ -290,10 +290,12 @@ def _plot_patch_counts(counts: dict[str, list[int]], path: Path) -> Path:
 
 def _plot_contact_sheet(shown: list[_Inspected], strategies: list[str], path: Path) -> Path:
     from matplotlib.collections import PatchCollection
+    from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
     rows, cols = max(len(shown), 1), len(strategies)
-    fig = _figure(3.6 * cols, 3.0 * rows)
+    # constrained layout keeps each row's titles clear of the row above (tight_layout lets them overlap on wide images)
+    fig = Figure(figsize=(3.6 * cols, 3.0 * rows), dpi=100, layout="constrained")
     for r, item in enumerate(shown):
         thumb = item.thumbnail
         scale = thumb.width / item.size[0]
@@ -317,5 +319,4 @@ def _plot_contact_sheet(shown: list[_Inspected], strategies: list[str], path: Pa
             label = item.sample.label or "no label"
             ax.set_title(f"{item.sample.image_id} ({label})\n{name}: {len(boxes)} patches", fontsize=8)
     fig.suptitle("Mask outline (green) and patch boxes per strategy", fontsize=10)
-    fig.tight_layout()
     return atomic_savefig(path, fig)

@@ -14,6 +14,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["fold_assignments", "split_samples"]
 
+_said: set[str] = set()  # fold notes already given in this process
+
 
 def _arrays(samples: Sequence[Sample]) -> tuple[list[Sample], np.ndarray, np.ndarray]:
     ordered = sorted(samples, key=lambda s: s.image_id)  # input order must not change the split
@@ -22,39 +24,38 @@ def _arrays(samples: Sequence[Sample]) -> tuple[list[Sample], np.ndarray, np.nda
     return ordered, labels, groups
 
 
-def _group_folds(labels: np.ndarray, groups: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
-    """Fold index of every sample: StratifiedGroupKFold, or GroupKFold when stratifying is impossible."""
+def _groups_per_class(labels: np.ndarray, groups: np.ndarray) -> dict[str, int]:
+    return {c: len(set(groups[labels == c])) for c in sorted(set(labels))}
+
+
+def _group_folds(labels: np.ndarray, groups: np.ndarray, n_folds: int, seed: int) -> tuple[np.ndarray, str | None]:
+    """Fold index of every sample: StratifiedGroupKFold, or GroupKFold when stratifying is impossible.
+
+    Returns:
+        ``(folds, reason)``: ``reason`` says why the folds are by group only, None when they are stratified.
+    """
     from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
     folds = np.full(len(labels), -1, dtype=np.int64)
     x = np.zeros((len(labels), 1))
-    group_count = {c: len(set(groups[labels == c])) for c in set(labels)}
     try:
-        if max(group_count.values()) < n_folds:
+        if max(_groups_per_class(labels, groups).values()) < n_folds:
             raise ValueError(f"no class has {n_folds} groups")
         splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "least populated class": logged in our words below
+            warnings.simplefilter("ignore", UserWarning)  # "least populated class": the callers say it in our words
             for fold, (_, val_idx) in enumerate(splitter.split(x, labels, groups)):
                 folds[val_idx] = fold
         if any(not (folds == f).any() for f in range(n_folds)):
             raise ValueError("a fold came out empty")
-        short = sorted(c for c, n in group_count.items() if n < n_folds)
-        if short:
-            logger.info("classes %s have fewer groups than the %d folds: some folds miss them", short, n_folds)
+        return folds, None
     except ValueError as e:
-        warnings.warn(
-            f"cannot stratify {len(labels)} images of {len(set(groups))} groups into {n_folds} folds by label "
-            f"(groups per class: {dict(sorted(group_count.items()))}; {e}); splitting by group only.",
-            UserWarning,
-            stacklevel=3,
-        )
         folds[:] = -1
         for fold, (_, val_idx) in enumerate(
             GroupKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(x, labels, groups)
         ):
             folds[val_idx] = fold
-    return folds
+        return folds, str(e)
 
 
 def fold_assignments(samples: Sequence[Sample], n_folds: int, seed: int = 0) -> dict[str, int]:
@@ -80,7 +81,22 @@ def fold_assignments(samples: Sequence[Sample], n_folds: int, seed: int = 0) -> 
             f"{n_folds} folds need at least {n_folds} groups (patients), but the data has {n_groups}; "
             "use fewer folds or add data."
         )
-    folds = _group_folds(labels, groups, n_folds, seed)
+    folds, unstratified = _group_folds(labels, groups, n_folds, seed)
+    group_count = _groups_per_class(labels, groups)
+    short = [c for c, n in group_count.items() if n < n_folds]
+    if unstratified:
+        note = (
+            f"cannot stratify {len(labels)} images of {n_groups} groups into {n_folds} folds by label "
+            f"(groups per class: {group_count}; {unstratified}); splitting by group only."
+        )
+    else:
+        note = f"classes {short} have fewer groups than the {n_folds} folds: some folds miss them" if short else ""
+    if note and note not in _said:  # once per process: cross-validation asks once per fold
+        _said.add(note)
+        if unstratified:
+            warnings.warn(note, UserWarning, stacklevel=2)
+        else:
+            logger.info("%s", note)
     return {s.image_id: int(f) for s, f in zip(ordered, folds)}
 
 
@@ -96,7 +112,8 @@ def split_samples(
     A single split uses ``StratifiedGroupKFold`` with ``round(1 / val_fraction)`` folds (at most the
     number of groups) and takes fold 0 as validation; with ``n_folds`` the validation part is fold
     ``fold``. When labels cannot be stratified (no class has as many groups as there are folds), the
-    split is by group only (``GroupKFold`` with shuffling), with a warning.
+    split is by group only (``GroupKFold`` with shuffling): with ``n_folds`` a warning says so; a single split
+    only logs (INFO) the classes left without a validation image.
 
     Args:
         samples: Labelled samples.
@@ -135,8 +152,15 @@ def split_samples(
         )
     n_splits = min(max(round(1.0 / val_fraction), 2), n_groups)
     _, labels, groups = _arrays(ordered)
-    folds = _group_folds(labels, groups, n_splits, seed)
-    return (
-        [s for s, f in zip(ordered, folds) if f != 0],
-        [s for s, f in zip(ordered, folds) if f == 0],
-    )
+    folds, _ = _group_folds(labels, groups, n_splits, seed)  # by group only when stratifying is impossible
+    train = [s for s, f in zip(ordered, folds) if f != 0]
+    validation = [s for s, f in zip(ordered, folds) if f == 0]
+    missing = sorted({s.label for s in train if s.label} - {s.label for s in validation})
+    if missing:  # what matters to the run (stratified or not): its validation figures say nothing of these classes
+        logger.info(
+            "the validation split (%d images of %d groups) has no image of %s: its figures do not cover them",
+            len(validation),
+            len({s.group_id for s in validation}),
+            ", ".join(missing),
+        )
+    return train, validation

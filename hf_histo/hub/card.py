@@ -12,6 +12,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..inference.pipeline import TASK
 from ..inference.results import ImageLevelResult
+from ..training.summary import macro_f1_text
 from ..utils import atomic_write_text
 
 TEMPLATE_PATH = Path(__file__).with_name("model_card_template.md")
@@ -103,14 +104,14 @@ def _hyperparameters(training_args: Any | None) -> list[tuple[str, str]]:
     return rows
 
 
-def _eval_results(result: ImageLevelResult, dataset_name: str, dataset_type: str) -> list[EvalResult]:
+def _eval_results(result: ImageLevelResult, dataset_name: str, dataset_type: str, split: str) -> list[EvalResult]:
     return [
         EvalResult(
             task_type="image-classification",
             task_name="Image classification (image level)",
             dataset_type=dataset_type,
             dataset_name=dataset_name,
-            dataset_split=result.split,
+            dataset_split=split,
             metric_type=metric_type,
             metric_value=round(float(result.metrics[key]), 4),
             metric_name=metric_name,
@@ -121,7 +122,23 @@ def _eval_results(result: ImageLevelResult, dataset_name: str, dataset_type: str
     ]
 
 
-def _result_vars(result: ImageLevelResult | None) -> dict[str, Any]:
+def _split_note(split: str, training_args: Any | None) -> str:
+    """What the evaluated images were to the run, so that a reader knows how far the figures generalise."""
+    if split == "test":
+        return "held out: used neither for training nor for choosing the checkpoint"
+    if split == "out_of_fold":
+        return "each scored by the fold model that did not train on it"
+    reloaded = training_args is not None and _setting(training_args, "load_best_model_at_end")
+    if split == "validation" and reloaded:
+        return "held out from training, but they also chose the best checkpoint: the figures are optimistic"
+    return ""
+
+
+def _setting(training_args: Any, key: str) -> Any:
+    return training_args.get(key) if isinstance(training_args, Mapping) else getattr(training_args, key, None)
+
+
+def _result_vars(result: ImageLevelResult | None, split: str, training_args: Any | None) -> dict[str, Any]:
     """Template variables of the results section: figures, CI, per-class F1, TTA and aggregation."""
     if result is None or not any(_finite(result.metrics.get(key)) for key in _HUB_METRICS):
         return {"results": []}
@@ -140,7 +157,9 @@ def _result_vars(result: ImageLevelResult | None) -> dict[str, Any]:
     patch = result.patch_metrics or {}
     return {
         "results": rows,
-        "split": result.split,
+        "split": split,
+        "split_note": _split_note(split, training_args),
+        "headline": macro_f1_text(result) if _finite(result.metrics.get("macro_f1")) else "",
         "n_images": n_images,
         "result_aggregation": result.aggregation,
         "tta": result.tta,
@@ -159,6 +178,7 @@ def build_model_card(
     repo_id: str | None = None,
     model_name: str | None = None,
     license: str | None = None,
+    split: str | None = None,
 ) -> ModelCard:
     """Render the model card of a trained classifier.
 
@@ -174,17 +194,21 @@ def build_model_card(
         repo_id: Hub repo id used in the snippet (`"user/name"`); `"path/to/this/folder"` when None.
         model_name: Name in model-index; defaults to the repo name.
         license: Hub license id for the metadata.
+        split: Name of the evaluated images in the card (default: `result.split`), e.g. `"test"` for held-out
+            images that chose nothing; the card states it with the macro-F1 and its 95% CI.
 
     Returns:
         A `huggingface_hub.ModelCard` (`str(card)` is the README.md text).
     """
+    split = split or (result.split if result is not None else "")
     data_info = dict(data_info or {})
     labels = [config.id2label[i] for i in range(config.num_labels)]
     model_name = model_name or (repo_id.split("/")[-1] if repo_id else "hf-histo-classifier")
     dataset_name = str(data_info.get("name") or "private histopathology dataset")
     datasets = data_info.get("datasets") or None
     datasets = [datasets] if isinstance(datasets, str) else datasets
-    eval_results = _eval_results(result, dataset_name, datasets[0] if datasets else "imagefolder") if result else []
+    dataset_type = datasets[0] if datasets else "imagefolder"
+    eval_results = _eval_results(result, dataset_name, dataset_type, split) if result else []
     card_data = ModelCardData(
         library_name="transformers",
         pipeline_tag="image-classification",
@@ -224,7 +248,7 @@ def build_model_card(
         ],
         task=TASK,
         model_ref=repo_id or "path/to/this/folder",
-        **_result_vars(result),
+        **_result_vars(result, split, training_args),
     )
 
 
@@ -238,6 +262,7 @@ def write_model_card(
     plots: Sequence[str | os.PathLike] | None = None,
     repo_id: str | None = None,
     license: str | None = None,
+    split: str | None = None,
 ) -> Path:
     """Write `output_dir/README.md` (atomically); see `build_model_card` for the arguments.
 
@@ -250,6 +275,7 @@ def write_model_card(
         plots: Image files to show; defaults to the PNGs already under `output_dir/plots/`.
         repo_id: Hub repo id for the snippet.
         license: Hub license id.
+        split: Name of the evaluated images (default: `result.split`), e.g. `"test"`.
 
     Returns:
         The README.md path.
@@ -258,6 +284,9 @@ def write_model_card(
     if config is None:
         from transformers import AutoConfig
 
+        from ..models import register_auto_classes
+
+        register_auto_classes()  # idempotent; the package registers lazily, the config loads by Auto class
         config = AutoConfig.from_pretrained(output_dir)
     if plots is None:
         plots = sorted((output_dir / PLOTS_DIR).glob("*.png")) if (output_dir / PLOTS_DIR).is_dir() else []
@@ -269,5 +298,6 @@ def write_model_card(
         plots=plots,
         repo_id=repo_id,
         license=license,
+        split=split,
     )
     return atomic_write_text(output_dir / "README.md", str(card))

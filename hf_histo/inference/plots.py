@@ -10,12 +10,12 @@ import numpy as np
 from ..utils import atomic_savefig
 
 
-def _new_figure(width: float, height: float):
+def _new_figure(width: float, height: float, layout: str | None = None):
     # Figure without pyplot: no global state, no backend switch, thread-safe; savefig renders with Agg.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(width, height), dpi=100)
+    figure = Figure(figsize=(width, height), dpi=100, layout=layout)
     FigureCanvasAgg(figure)
     return figure
 
@@ -63,8 +63,37 @@ def plot_confusion_matrix(
 _NOT_CURVES = {"eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "eval_image_n", "eval_patch_n"}
 
 
+def training_curve_points(log_history: Sequence[dict]) -> dict[str, list[tuple[int, float]]]:
+    """The points of the training curves: ``{log key: [(step, value), ...]}`` for ``loss``, ``learning_rate``,
+    ``eval_loss`` and every ``eval_*`` metric.
+
+    Only what was logged while training ran is a point: entries after the end-of-training entry (the one with
+    ``train_runtime``), such as an evaluation of the reloaded best checkpoint at the last step, are left out, and
+    so is a second evaluation logged at a step that already has one.
+
+    Args:
+        log_history: ``trainer.state.log_history``.
+    """
+    end = next((i for i, entry in enumerate(log_history) if "train_runtime" in entry), len(log_history))
+    points: dict[str, list[tuple[int, float]]] = {}
+    evaluated: set[int] = set()
+    for position, entry in enumerate(log_history[:end]):
+        step = entry.get("step", position)
+        keys = ["loss", "learning_rate"]
+        if any(k.startswith("eval_") for k in entry) and step not in evaluated:
+            evaluated.add(step)
+            keys += [k for k in entry if k.startswith("eval_") and k not in _NOT_CURVES]
+        for key in keys:
+            value = entry.get(key)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                points.setdefault(key, []).append((step, float(value)))
+    return points
+
+
 def plot_training_curves(log_history: list[dict], path: str | Path) -> Path:
-    """Plot losses, eval metrics and learning rate from ``trainer.state.log_history`` as one PNG.
+    """Plot losses, eval metrics (image level, patch level) and learning rate from ``trainer.state.log_history``.
+
+    The points are those of `training_curve_points`; legends sit beside the panels, never over the curves.
 
     Args:
         log_history: The Trainer's list of logged dicts (``loss`` / ``learning_rate`` on training steps,
@@ -74,39 +103,29 @@ def plot_training_curves(log_history: list[dict], path: str | Path) -> Path:
     Returns:
         ``path`` as a ``Path``. Panels without data say so instead of failing.
     """
-    train_loss: list[tuple[int, float]] = []
-    learning_rate: list[tuple[int, float]] = []
-    eval_curves: dict[str, list[tuple[int, float]]] = {}
-    for position, entry in enumerate(log_history):
-        step = entry.get("step", position)
-        if isinstance(entry.get("loss"), int | float):
-            train_loss.append((step, float(entry["loss"])))
-        if isinstance(entry.get("learning_rate"), int | float):
-            learning_rate.append((step, float(entry["learning_rate"])))
-        for key, value in entry.items():
-            if key.startswith("eval_") and key not in _NOT_CURVES and isinstance(value, int | float):
-                eval_curves.setdefault(key, []).append((step, float(value)))
-    eval_loss = eval_curves.pop("eval_loss", [])
-
-    figure = _new_figure(15, 4.2)
-    ax_loss, ax_metrics, ax_lr = figure.subplots(1, 3)
-    for ax, curves, title in (
-        (ax_loss, {"train loss": train_loss, "eval loss": eval_loss}, "loss"),
-        (ax_metrics, {k.removeprefix("eval_"): v for k, v in sorted(eval_curves.items())}, "eval metrics"),
-        (ax_lr, {"learning rate": learning_rate}, "learning rate"),
-    ):
-        drawn = False
-        for name, points in curves.items():
-            if points:
-                steps, values = zip(*points)
-                ax.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3, label=name)
-                drawn = True
-        if drawn:
-            ax.legend(fontsize=8)
-        else:
+    points = training_curve_points(log_history)
+    evals = {k: v for k, v in sorted(points.items()) if k.startswith("eval_") and k != "eval_loss"}
+    image = {k.removeprefix("eval_image_"): v for k, v in evals.items() if not k.startswith("eval_patch_")}
+    patch = {k.removeprefix("eval_patch_"): v for k, v in evals.items() if k.startswith("eval_patch_")}
+    panels = (
+        ("loss", {"train loss": points.get("loss", []), "eval loss": points.get("eval_loss", [])}),
+        ("eval metrics, image level", image),
+        ("eval metrics, patch level", patch),
+        ("learning rate", {"learning rate": points.get("learning_rate", [])}),
+    )
+    figure = _new_figure(14, 7.5, layout="constrained")
+    for ax, (title, curves) in zip(figure.subplots(2, 2).flat, panels):
+        drawn = 0
+        for name, curve in curves.items():
+            if curve:
+                steps, values = zip(*curve)
+                ax.plot(steps, values, marker="o" if len(curve) < 30 else None, markersize=3, label=name)
+                drawn += 1
+        if drawn > 1:
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+        elif not drawn:
             ax.text(0.5, 0.5, "no data logged", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    figure.tight_layout()
     return atomic_savefig(path, figure)

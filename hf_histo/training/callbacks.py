@@ -189,6 +189,11 @@ class ProgressiveUnfreezeCallback(TrainerCallback):
         return math.ceil(n_blocks / self.blocks_per_step)
 
 
+def format_epoch(epoch: float) -> str:
+    """An epoch as people write it: `3` for a whole epoch, `0.08` for part of one."""
+    return str(round(epoch)) if abs(epoch - round(epoch)) < 1e-6 else f"{epoch:.2f}"
+
+
 def logged_evaluation(log_history: Sequence[dict[str, Any]], step: int, key: str) -> dict[str, Any] | None:
     """The first evaluation logged at `step` that holds `key` (e.g. `eval_image_macro_f1`), or None."""
     return next((e for e in log_history if e.get("step") == step and key in e), None)
@@ -216,8 +221,7 @@ class BestCheckpointReport(TrainerCallback):
             for e in state.log_history
             if key in e and e is not best and math.isclose(float(e[key]), value, rel_tol=1e-9)
         )
-        epoch = float(best.get("epoch", float("nan")))
-        epoch_text = str(round(epoch)) if abs(epoch - round(epoch)) < 1e-6 else f"{epoch:.2f}"
+        epoch_text = format_epoch(float(best["epoch"])) if "epoch" in best else "?"
         loss = f", eval_loss={float(best['eval_loss']):.4f}" if "eval_loss" in best else ""
         metric = key.removeprefix("eval_")
         tied = (

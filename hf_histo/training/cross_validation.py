@@ -140,7 +140,8 @@ def run_cross_validation(
             default: each fold keeps its final model, so out-of-fold metrics are not optimistically biased.
 
     Returns:
-        The summary of `summarize_folds`, also written to `output_dir/cv_metrics.json`.
+        The summary of `summarize_folds` with `wall_seconds` and `select_on_heldout`, also written to
+        `output_dir/cv_metrics.json` (main process; None on the other ranks).
     """
     n_folds = n_folds or data_args.n_folds
     if not n_folds or n_folds < 2:
@@ -158,8 +159,9 @@ def run_cross_validation(
     if getattr(training_args, "process_index", 0) == 0:
         summary = summarize_folds(fold_dirs, root, training_args.n_bootstrap, training_args.seed)
         summary["wall_seconds"] = {str(k): round(v, 1) for k, v in wall.items()}
+        summary["select_on_heldout"] = select_on_heldout
         atomic_write_text(root / "cv_metrics.json", json.dumps(summary, indent=2) + "\n")
-        logger.info(
+        logger.debug(  # the recipes print it in their end-of-run summary (training.summary)
             "cross-validation image macro-F1: %s (OOF %.4f)",
             summary["image_macro_f1"],
             summary["oof"]["metrics"]["macro_f1"],

@@ -37,17 +37,19 @@ def setup_logging(training_args: HistoTrainingArguments | None = None) -> None:
 def build_datasets(data_args: DataArguments, seed: int = 0):
     """Cut (or load from cache) the patch dataset; with `--demo`, generate the sample images first.
 
+    Logs the build report once (splits, patches per image, where the patch cache is).
+
     Returns:
         The `datasets.DatasetDict` of `load_patch_dataset` ("train", "validation", maybe "test").
     """
-    from ..data.builder import load_patch_dataset
+    from ..data.builder import build_patch_dataset
 
     data_dir = Path(data_args.data_dir)
     if data_args.demo and not (data_dir / "train_labels.csv").exists():
         from ..data.synthetic import make_synthetic_dataset
 
         make_synthetic_dataset(data_dir, seed=seed, overwrite=True, **DEMO_IMAGES)
-    return load_patch_dataset(
+    data, report = build_patch_dataset(
         data_dir,
         data_args.patching(),
         val_fraction=data_args.val_fraction,
@@ -61,6 +63,8 @@ def build_datasets(data_args: DataArguments, seed: int = 0):
         resize_masks=data_args.resize_masks,
         max_image_pixels=data_args.max_image_pixels,
     )
+    logger.info("patch dataset %s", report.summary())
+    return data
 
 
 def _processor_for(name: str, revision: str | None, fallback_size: int):
@@ -150,6 +154,9 @@ def build_model(
         native = getattr(backbone_config, "image_size", None)
         processor_source: Any = InputSpec(int(native) if isinstance(native, int) else 32)
     elif os.path.isdir(name) and _is_histo_checkpoint(name):
+        from ..models import register_auto_classes
+
+        register_auto_classes()  # idempotent; the package registers lazily, the checkpoint loads by Auto class
         model = AutoModelForImageClassification.from_pretrained(name)
         if [model.config.id2label[i] for i in range(len(labels))] != labels:
             raise ValueError(f"checkpoint {name} has labels {model.config.id2label}, the data has {labels}")

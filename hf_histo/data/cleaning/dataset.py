@@ -189,7 +189,7 @@ def clean_dataset(
     for reason, group in result.by_reason().items():
         if group:
             shown = sorted(group, key=lambda f: (-f.score, f.image_id))[: cfg.contact_sheet_max]
-            sheet = _contact_sheet(shown, by_id, boxes, cfg.thumbnail_size)
+            sheet = _contact_sheet(reason, shown, by_id, boxes, cfg.thumbnail_size, len(group))
             files[f"sheet_{reason}"] = atomic_save_image(out_dir / f"contact_sheet_{reason}.png", sheet)
     return result
 
@@ -232,30 +232,47 @@ def _thumbnail(path: Path, size: int, box: tuple[float, float, float, float] | N
 
 
 def _contact_sheet(
+    reason: str,
     flags: Sequence[Flag],
     samples: dict[str, Sample],
     boxes: dict[str, tuple[float, float, float, float] | None],
     size: int,
+    n_flagged: int,
 ) -> Image.Image:
-    """Thumbnails of flagged images (artifact regions boxed in red) beside the image each relates to."""
+    """A titled sheet of flagged images' thumbnails (artifact regions boxed in red), each beside the image it relates to.
+
+    The title and caption heights are measured with the font, so no text runs into a thumbnail whatever the font.
+    """
     cols = 4
-    cell_w, cell_h = 2 * size + 16, size + 34
-    sheet = Image.new("RGB", (cols * cell_w, max(1, math.ceil(len(flags) / cols)) * cell_h), (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def text_height(text: str) -> int:
+        return probe.multiline_textbbox((0, 0), text, font=font, spacing=1)[3]
+
+    shown = f"the {len(flags)} highest scores of {n_flagged}" if len(flags) < n_flagged else f"{n_flagged}"
+    title = f"{reason}: {shown} flagged image(s), highest score first"
+    if any(f.related_to for f in flags):
+        title += f"; right of each: the {'training' if reason == LEAK_REASON else 'kept'} image it relates to"
+    title_h, caption_h = text_height(title) + 10, text_height("Ag\nAg") + 5
+    cell_w, cell_h = 2 * size + 16, caption_h + size + 8
+    rows = max(1, math.ceil(len(flags) / cols))
+    sheet = Image.new("RGB", (cols * cell_w, title_h + rows * cell_h), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    draw.text((4, 4), title, fill=(0, 0, 0), font=font)
     related: dict[str, Image.Image] = {}  # a kept image is often the twin of several flagged ones
     for k, flag in enumerate(flags):
-        x, y = (k % cols) * cell_w + 4, (k // cols) * cell_h + 2
+        x, y = (k % cols) * cell_w + 4, title_h + (k // cols) * cell_h
         caption = f"{flag.image_id[:36]}\n{flag.reason} {flag.score:.3f}"
         if flag.related_to:
             caption += f"   {'train' if flag.reason == LEAK_REASON else 'kept'}: {flag.related_to[:24]}"
         draw.multiline_text((x, y), caption, fill=(0, 0, 0), font=font, spacing=1)
         box = boxes.get(flag.image_id) if flag.reason == "artifact" else None
-        sheet.paste(_thumbnail(samples[flag.image_id].image_path, size, box), (x, y + 28))
+        sheet.paste(_thumbnail(samples[flag.image_id].image_path, size, box), (x, y + caption_h))
         if flag.related_to:
             if flag.related_to not in related:
                 related[flag.related_to] = _thumbnail(samples[flag.related_to].image_path, size)
-            sheet.paste(related[flag.related_to], (x + size + 4, y + 28))
+            sheet.paste(related[flag.related_to], (x + size + 4, y + caption_h))
     return sheet
 
 
