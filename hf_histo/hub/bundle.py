@@ -14,6 +14,7 @@ from types import ModuleType
 from typing import Any
 
 from ..inference.pipeline import TASK, HistoImageClassificationPipeline
+from ..inference.saliency import patch_saliency
 
 _RELATIVE_IMPORT = re.compile(r"^(\s*)from\s+\.+(?:\w+\.)*(\w+)(\s+import\b)", flags=re.MULTILINE)
 
@@ -64,8 +65,8 @@ def flatten_imports(source: str) -> str:
     return _RELATIVE_IMPORT.sub(r"\1from .\2\3", source)
 
 
-def write_code_bundle(folder: str | os.PathLike, classes: list[type]) -> list[Path]:
-    """Copy the modules defining `classes`, and everything they import relatively, flat into `folder`.
+def write_code_bundle(folder: str | os.PathLike, classes: list[Any]) -> list[Path]:
+    """Copy the modules defining `classes` (classes or functions), and everything they import relatively, flat into `folder`.
 
     Relative imports are rewritten to the flat form, so `transformers.dynamic_module_utils` finds every file next
     to the others. Works from the hf_histo package and from an already flat (remote-code) copy alike.
@@ -167,6 +168,7 @@ def bundle_code(output_dir: str | os.PathLike, model: Any | None = None) -> list
             "hf_histo.hub.save_for_hub, or call set_remote_code_config(model.config, model) before "
             "model.save_pretrained."
         )
-    written = write_code_bundle(output_dir, [HistoImageClassificationPipeline, model_cls, config_cls])
+    # saliency.py: the explanations of the folder's web app (app.py), which runs without hf_histo in a Space.
+    written = write_code_bundle(output_dir, [HistoImageClassificationPipeline, model_cls, config_cls, patch_saliency])
     check_bundle_imports(written)
     return written

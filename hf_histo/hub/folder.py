@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Mapping, Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,40 @@ from ..inference.results import ImageLevelResult
 from .bundle import bundle_code, set_remote_code_config
 from .card import PLOTS_DIR, write_model_card
 from .upload import push_folder_to_hub
+
+# What a Space running the folder's app.py installs; floors as in pyproject.toml (tests/test_app.py checks they agree).
+SPACE_REQUIREMENTS = (
+    "gradio>=6.0",
+    "torch>=2.4",
+    "torchvision>=0.19",  # the fast image processors, as in training
+    "transformers>=5.0,<6",
+    "numpy>=2.0",
+    "pillow>=10.0",
+    "scipy>=1.10",
+)
+TIMM_REQUIREMENT = "timm>=1.0"  # backbones run through transformers' TimmWrapperModel
+
+
+def write_space_files(output_dir: str | os.PathLike, config: Any) -> list[Path]:
+    """Write `app.py` (hf_histo's web app, which runs on the folder's shipped code) and `requirements.txt`.
+
+    With them the folder runs as a Gradio app (`pip install -r requirements.txt && python app.py`) or a Space.
+
+    Args:
+        output_dir: The model folder.
+        config: The model's config (a timm backbone adds timm to the requirements).
+
+    Returns:
+        The two files.
+    """
+    output_dir = Path(output_dir)
+    app = output_dir / "app.py"
+    app.write_text(resources.files("hf_histo").joinpath("app.py").read_text(encoding="utf-8"), encoding="utf-8")
+    requirements = list(SPACE_REQUIREMENTS)
+    if getattr(getattr(config, "backbone_config", None), "model_type", None) == "timm_wrapper":
+        requirements.append(TIMM_REQUIREMENT)
+    (output_dir / "requirements.txt").write_text("\n".join(requirements) + "\n", encoding="utf-8")
+    return [app, output_dir / "requirements.txt"]
 
 
 def _copy_plots(output_dir: Path, plots: Sequence | Mapping | None) -> list[Path]:
@@ -56,6 +91,7 @@ def save_for_hub(
     plots: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike] | None = None,
     repo_id: str | None = None,
     license: str | None = None,
+    split: str | None = None,
 ) -> Path:
     """Write a complete, Hub-ready checkpoint folder (weights, processor, code, plots, model card).
 
@@ -75,6 +111,7 @@ def save_for_hub(
             `result.metrics["confusion_matrix"]` when none is given.
         repo_id: The Hub repo the folder is meant for (used in the card's snippet and model-index name).
         license: A Hub license id for the card metadata (e.g. `"apache-2.0"`, `"other"`).
+        split: Name of the images `result` scored, as the card shows it (default: `result.split`), e.g. `"test"`.
 
     Returns:
         `output_dir` as a `Path`.
@@ -83,7 +120,9 @@ def save_for_hub(
 
     output_dir = Path(output_dir)
     with final_files(output_dir) as staging:
-        _write_hub_files(model, staging, image_processor, result, training_args, data_info, plots, repo_id, license)
+        _write_hub_files(
+            model, staging, image_processor, result, training_args, data_info, plots, repo_id, license, split
+        )
     return output_dir
 
 
@@ -97,12 +136,14 @@ def _write_hub_files(
     plots: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike] | None,
     repo_id: str | None,
     license: str | None,
+    split: str | None = None,
 ) -> None:
     """What `save_for_hub` writes, straight into `output_dir` (a staging folder)."""
     set_remote_code_config(model.config, model)
     model.save_pretrained(output_dir, safe_serialization=True)
     make_image_processor(image_processor).save_pretrained(output_dir)
     bundle_code(output_dir, model)
+    write_space_files(output_dir, model.config)
     shipped = _copy_plots(output_dir, plots)
     cm_plot = _confusion_plot(output_dir, result, shipped)
     if cm_plot is not None:
@@ -116,6 +157,7 @@ def _write_hub_files(
         plots=shipped,
         repo_id=repo_id,
         license=license,
+        split=split,
     )
 
 

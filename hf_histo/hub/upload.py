@@ -20,7 +20,13 @@ REQUIRED_FILES = (
     "modeling_histo.py",
     "pipeline.py",
 )
-_UPLOAD_NAMES = {"config.json", "preprocessor_config.json", "README.md", "model.safetensors.index.json"}
+_UPLOAD_NAMES = {
+    "config.json",
+    "preprocessor_config.json",
+    "README.md",
+    "model.safetensors.index.json",
+    "requirements.txt",  # the Gradio Space's (app.py) dependencies
+}
 _UPLOAD_SUFFIXES = {".safetensors", ".py", ".png"}
 
 
