@@ -32,9 +32,10 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from reference_patching import reference_grid_boxes, reference_topk_boxes  # noqa: E402
 
-from hf_histo.data.builder import build_patch_dataset, encode_png  # noqa: E402
+from hf_histo.data.builder import build_patch_dataset  # noqa: E402
 from hf_histo.data.images import load_image  # noqa: E402
 from hf_histo.data.masks import load_mask  # noqa: E402
+from hf_histo.data.patch_storage import encode_patch  # noqa: E402
 from hf_histo.data.patching import PatchingConfig, crop_patch, grid_boxes, grid_positions, topk_boxes  # noqa: E402
 from hf_histo.data.sources import read_samples  # noqa: E402
 
@@ -139,7 +140,7 @@ def bench_build(data: Path, strategy: str, patch_size: int) -> None:
         image = load_image(s.image_path)
         load_mask(s.mask_path, image.size)
         for box in boxes:
-            encode_png(crop_patch(image, box))
+            encode_patch(crop_patch(image, box), "png")
             n_patches += 1
     io_t = time.perf_counter() - start
     masks = [load_mask(s.mask_path) for s in samples]

@@ -16,10 +16,12 @@ from .cli_parser import CommandParser, str_to_bool
 from .data.images import DataError
 from .data.patching import EMPTY_FALLBACKS, STRATEGIES, PatchingConfig
 from .data.sources import LAYOUTS, SPLIT_CHOICES
+from .data.workers import default_num_proc
 from .models.aggregation import AGGREGATIONS, TTA_MODES
 
 MODEL_HELP = "trained model folder (a recipe's --output_dir), cross-validation root, or Hub id (owner/name); required"
 DEFAULT_BATCH_SIZE = 32  # the library functions' default; recipes evaluate with --per_device_eval_batch_size
+DEFAULT_NUM_WORKERS = 2  # inference.engine.DEFAULT_NUM_WORKERS, repeated here so that --help imports no torch
 
 
 def _add_data_options(p: argparse.ArgumentParser, skipped: str, on_error: str = "raise") -> None:
@@ -97,6 +99,14 @@ def _add_inference_options(p: argparse.ArgumentParser, choices: bool = True) -> 
     )
     if choices:
         p.add_argument(
+            "--num_workers",
+            type=int,
+            metavar="N",
+            default=DEFAULT_NUM_WORKERS,
+            help="threads that decode and patch the next images while the model runs; results are the same for any "
+            f"value (default: {DEFAULT_NUM_WORKERS}; 0: one image at a time)",
+        )
+        p.add_argument(
             "--aggregation",
             choices=AGGREGATIONS,
             default=None,
@@ -171,7 +181,13 @@ def build_parser() -> CommandParser:
         help="split seed: a recipe splits with its --seed, so the same flags give the same split and reuse the same "
         "cache (default: 42, the recipes')",
     )
-    p.add_argument("--num_proc", type=int, default=None, help="processes cutting patches (default: one)")
+    p.add_argument(
+        "--num_proc",
+        type=int,
+        default=default_num_proc(),
+        help=f"processes cutting patches, as the recipes' --num_proc (default: {default_num_proc()}, the available "
+        "CPUs, at most 8)",
+    )
     p.add_argument(
         "--cache_dir",
         default=None,

@@ -91,6 +91,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         aggregation=args.aggregation,
         tta=args.tta,
+        num_workers=args.num_workers,
         n_bootstrap=args.n_bootstrap,
         **_data_options(args),
     )
@@ -113,6 +114,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         aggregation=args.aggregation,
         tta=args.tta,
+        num_workers=args.num_workers,
         **_data_options(args),
     )
     print(f"wrote {path}")

@@ -74,7 +74,7 @@ def test_build_command_has_every_patching_flag_with_the_recipes_defaults():
     data_args = DataArguments(data_dir="DATA")
     for name in PATCHING_FIELDS:
         assert getattr(args, name) == getattr(data_args, name), name
-    assert args.val_fraction == data_args.val_fraction and args.num_proc is None
+    assert args.val_fraction == data_args.val_fraction and args.num_proc == data_args.num_proc
     assert args.seed == 42  # TrainingArguments' seed, which the recipes split with
     args = parser.parse_args(["build", "DATA", "--paint_background", "--min_fraction", "0.5", "--num_proc", "2"])
     assert args.paint_background is True and args.min_fraction == 0.5 and args.num_proc == 2

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import io
+import functools
 import json
 import logging
 import shutil
@@ -10,6 +10,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import Executor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,11 @@ from .build_report import BuildReport
 from .fingerprint import dataset_fingerprint
 from .images import DataError, load_image
 from .masks import resolve_mask
+from .patch_storage import check_patch_format, encode_patch, patch_features
 from .patching import STRATEGIES, PatchBox, PatchingConfig, crop_patch
 from .sources import Sample, SampleSet, read_samples
 from .splits import split_samples
+from .workers import ordered_map, process_pool
 
 logger = logging.getLogger(__name__)
 
@@ -34,37 +37,14 @@ __all__ = [
     "HistoPatchesConfig",
     "build_patch_dataset",
     "dataset_fingerprint",
+    "encode_patch",
     "load_patch_dataset",
     "patch_features",
 ]
 
-# Patches are stored as PNG at this zlib level: level 1 encodes ~2x faster than PIL's default 6 for
-# files ~8% larger, and encoding is most of the build time.
-PNG_COMPRESS_LEVEL = 1
 REPORT_NAME = "build_report.json"
 _RECORDS_DIR = "hf_histo_records"
-
-
-def patch_features(label_names: list[str]) -> datasets.Features:
-    """Features of the patch dataset (``label`` -1 means "no label")."""
-    return datasets.Features(
-        {
-            "image": datasets.Image(),
-            "label": datasets.ClassLabel(names=list(label_names)),
-            "image_id": datasets.Value("string"),
-            "group_id": datasets.Value("string"),
-            "bbox": datasets.List(datasets.Value("int32"), length=4),
-            "foreground": datasets.Value("float32"),
-            "patch_index": datasets.Value("int32"),
-        }
-    )
-
-
-def encode_png(image: Image.Image) -> bytes:
-    """Encode a patch the way the builder stores it (PNG, ``PNG_COMPRESS_LEVEL``)."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    return buffer.getvalue()
+_Cut = tuple[list[tuple[PatchBox, bytes]], str, bool]  # a sample's (box, encoded patch) list, mask source, fallback
 
 
 @dataclass
@@ -83,6 +63,7 @@ class HistoPatchesConfig(datasets.BuilderConfig):
         on_error: ``"raise"`` at the first bad file, or ``"skip"`` it and list it in the report.
         resize_masks: Resize masks of another size than their image (nearest neighbour).
         max_image_pixels: Raise PIL's decompression-bomb limit for trusted large images.
+        patch_format: How patches are stored: ``"raw"`` (uncompressed) or ``"png"`` (see ``PATCH_FORMATS``).
     """
 
     layout: str | None = None
@@ -96,6 +77,7 @@ class HistoPatchesConfig(datasets.BuilderConfig):
     on_error: str = "raise"
     resize_masks: bool = False
     max_image_pixels: int | None = None
+    patch_format: str = "raw"
 
     def options(self) -> dict[str, Any]:
         """Every option that changes the dataset's content, as plain JSON values (part of the cache key)."""
@@ -121,11 +103,9 @@ def config_name(patching: PatchingConfig) -> str:
 class HistoPatches(datasets.GeneratorBasedBuilder):
     """Patch dataset builder: one example per patch, with its image's label, ids, box and mask coverage.
 
-    ``datasets`` >= 4 no longer runs loading scripts, so this is an importable ``GeneratorBasedBuilder``.
-    Its cache key (the builder ``hash``) covers the package and patching versions, the source of the data
-    modules, every option, and a hash of the bytes of every image, mask and label file: the same arguments
-    and data load the Arrow cache, and any change to the data or the patching code rebuilds (into a new
-    folder: old builds stay in ``cache_dir/histo_patches/`` until deleted).
+    An importable ``GeneratorBasedBuilder`` (``datasets`` >= 4 runs no loading scripts). Its cache key (``hash``)
+    covers the package and patching versions, the data modules' source, every option and the bytes of every
+    image, mask and label file: any change rebuilds, into a new folder (old builds stay until deleted).
 
     Splits are made per image before patching (``splits.split_samples``), so a group (patient) is never
     in two splits; with ``on_error="skip"`` images and masks are decoded first, so splits hold readable
@@ -140,9 +120,8 @@ class HistoPatches(datasets.GeneratorBasedBuilder):
         builder.download_and_prepare()
         splits = builder.as_dataset()
 
-    One ``BuilderConfig`` per strategy is predefined (that strategy with default parameters); any config field
-    can be overridden as a keyword, ``patching`` as a whole ``PatchingConfig``. When ``hash`` is not given the
-    builder fingerprints the data itself (``dataset_fingerprint``).
+    One ``BuilderConfig`` per strategy is predefined (its default parameters); any config field can be overridden
+    as a keyword, ``patching`` as a whole ``PatchingConfig``. Without ``hash=`` it fingerprints the data itself.
     """
 
     VERSION = datasets.Version("1.0.0")
@@ -162,6 +141,7 @@ class HistoPatches(datasets.GeneratorBasedBuilder):
             )
         self._sample_set = sample_set
         self._unreadable: list[dict[str, Any]] = []  # skip records of files that did not decode (on_error="skip")
+        self._pool: Executor | None = None  # processes cutting patches (download_and_prepare's num_proc)
         kwargs.setdefault("dataset_name", "histo_patches")
         super().__init__(*args, **kwargs)
 
@@ -192,7 +172,7 @@ class HistoPatches(datasets.GeneratorBasedBuilder):
         good = []
         for sample in samples:
             try:
-                self._decode(sample)
+                _decode(self.config, sample)
             except DataError as e:
                 logger.warning("skipping %s", e)
                 error = [str(sample.image_path), str(e)]
@@ -215,41 +195,28 @@ class HistoPatches(datasets.GeneratorBasedBuilder):
             if samples
         ]
 
-    def _decode(self, sample: Sample) -> tuple[Image.Image, Any, str]:
-        """The sample's RGB image, its mask (an array) and where the mask came from; raises ``DataError``."""
-        c = self.config
-        image = load_image(sample.image_path, c.max_image_pixels)
-        mask, source = resolve_mask(
-            image, sample.mask_path, c.patching.empty_fallback, c.resize_masks, sample.image_path, c.max_image_pixels
-        )
-        return image, mask, source
-
-    def _patches(self, sample: Sample) -> tuple[list[tuple[PatchBox, Image.Image]], str, bool]:
-        patching = self.config.patching
-        image, mask, source = self._decode(sample)
-        boxes, fell_back = patching.boxes_with_fallback(mask)
-        return [(box, crop_patch(image, box, mask, patching.paint_background)) for box in boxes], source, fell_back
+    def _patches(self, sample: Sample) -> _Cut | DataError:
+        return _cut_patches(self.config, sample)  # in this process; worker processes run `_cut_patches` itself
 
     def _generate_examples(self, samples: list[Sample], split: str) -> Iterator[tuple[str, dict[str, Any]]]:
         label_names = self.info.features["label"].names
         records = []
-        for sample in samples:
-            try:
-                patches, source, fell_back = self._patches(sample)
-            except DataError as e:
+        cut = functools.partial(_cut_patches, self.config) if self._pool else self._patches  # a method pickles badly
+        for sample, result in zip(samples, ordered_map(cut, samples, self._pool)):
+            if isinstance(result, DataError):
                 if self.config.on_error != "skip":
-                    raise
-                logger.warning("skipping %s", e)
-                records.append(
-                    {"image_id": sample.image_id, "split": split, "error": [str(sample.image_path), str(e)]}
-                )
+                    raise result
+                logger.warning("skipping %s", result)
+                error = [str(sample.image_path), str(result)]
+                records.append({"image_id": sample.image_id, "split": split, "error": error})
                 continue
             label = label_names.index(sample.label) if sample.label in label_names else -1
+            patches, source, fell_back = result
             for index, (box, patch) in enumerate(patches):
                 yield (
                     f"{sample.image_id}/{index}",
                     {
-                        "image": {"bytes": encode_png(patch), "path": None},
+                        "image": {"bytes": patch, "path": None},
                         "label": label,
                         "image_id": sample.image_id,
                         "group_id": sample.group_id,
@@ -268,7 +235,7 @@ class HistoPatches(datasets.GeneratorBasedBuilder):
                     "fallback": fell_back,
                 }
             )
-        # One file per generator job (jobs may run in other processes); merged after preparation.
+        # One file per split (datasets' generator jobs could run in other processes); merged after preparation.
         out = Path(self._output_dir) / _RECORDS_DIR
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{split}-{uuid.uuid4().hex}.json").write_text(json.dumps(records))
@@ -301,7 +268,14 @@ class HistoPatches(datasets.GeneratorBasedBuilder):
             for entry in output_dir.iterdir():
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         shutil.rmtree(output_dir / _RECORDS_DIR, ignore_errors=True)
-        super()._download_and_prepare(dl_manager, verification_mode, **kwargs)
+        # num_proc cuts patches in one pool of processes feeding one writer (`_generate_examples`), not datasets'
+        # pool per split: the same rows in the same order as one process, without a pool start-up per split.
+        self._pool = process_pool(kwargs.pop("num_proc", None))
+        try:
+            super()._download_and_prepare(dl_manager, verification_mode, **kwargs)
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(cancel_futures=True)
         for name in [name for name, split in self.info.splits.items() if not split.num_examples]:
             del self.info.splits[name]  # every image of the split was skipped: declared, it could not be loaded
         records_dir = output_dir / _RECORDS_DIR
@@ -314,6 +288,27 @@ class HistoPatches(datasets.GeneratorBasedBuilder):
         report = self.report(records)
         # Written inside the builder's temporary folder, which datasets renames into the cache.
         (output_dir / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=1))
+
+
+def _decode(c: HistoPatchesConfig, sample: Sample) -> tuple[Image.Image, Any, str]:
+    """The sample's RGB image, its mask (an array) and where the mask came from; raises ``DataError``."""
+    image = load_image(sample.image_path, c.max_image_pixels)
+    mask, source = resolve_mask(
+        image, sample.mask_path, c.patching.empty_fallback, c.resize_masks, sample.image_path, c.max_image_pixels
+    )
+    return image, mask, source
+
+
+def _cut_patches(config: HistoPatchesConfig, sample: Sample) -> _Cut | DataError:
+    """A sample's encoded patches with their boxes, its mask source and fallback flag; or its ``DataError``."""
+    try:
+        image, mask, source = _decode(config, sample)
+    except DataError as e:
+        return e  # returned, not raised: the caller decides (on_error), in whichever process this ran
+    boxes, fell_back = config.patching.boxes_with_fallback(mask)
+    paint = config.patching.paint_background
+    patches = [(box, encode_patch(crop_patch(image, box, mask, paint), config.patch_format)) for box in boxes]
+    return patches, source, fell_back
 
 
 def _unwrap_data_error(error: BaseException) -> DataError | None:
@@ -341,6 +336,7 @@ def build_patch_dataset(
     resize_masks: bool = False,
     max_image_pixels: int | None = None,
     num_proc: int | None = None,
+    patch_format: str = "raw",
 ) -> tuple[datasets.DatasetDict, BuildReport]:
     """Build (or load from cache) the patch dataset of a data folder, and say what was done.
 
@@ -358,7 +354,9 @@ def build_patch_dataset(
         on_error: ``"raise"`` or ``"skip"`` bad images (listed in ``report.skipped``).
         resize_masks: Resize masks whose size differs from their image (nearest neighbour).
         max_image_pixels: Raise PIL's decompression-bomb limit.
-        num_proc: Processes for building (images are split between them).
+        num_proc: Processes for building (images are split between them; the patches and their order are
+            those of one process).
+        patch_format: ``"raw"`` (uncompressed, fast) or ``"png"`` (half the disk) patch storage.
 
     Returns:
         ``(DatasetDict, BuildReport)``; the dict has ``train``, ``validation`` (unless
@@ -369,6 +367,7 @@ def build_patch_dataset(
         TypeError: ``patching`` is not a ``PatchingConfig``.
     """
     start = time.perf_counter()
+    check_patch_format(patch_format)
     patching = PatchingConfig() if patching is None else patching
     if not isinstance(patching, PatchingConfig):  # checked before reading any file
         raise TypeError(
@@ -395,6 +394,7 @@ def build_patch_dataset(
         on_error=on_error,
         resize_masks=resize_masks,
         max_image_pixels=max_image_pixels,
+        patch_format=patch_format,
     )
     report_path = Path(builder.cache_dir) / REPORT_NAME
     cached = (Path(builder.cache_dir) / datasets.config.DATASET_INFO_FILENAME).is_file()
@@ -431,6 +431,7 @@ def load_patch_dataset(
     resize_masks: bool = False,
     max_image_pixels: int | None = None,
     num_proc: int | None = None,
+    patch_format: str = "raw",
 ) -> datasets.DatasetDict:
     """Build (or load from cache) the patch dataset of a data folder; the arguments are ``build_patch_dataset``'s.
 

@@ -28,6 +28,7 @@ CODE_FILES = (
     "patching.py",
     "splits.py",
     "builder.py",
+    "patch_storage.py",  # raw vs PNG patches: a cache written in one format is never read as the other
 )
 
 

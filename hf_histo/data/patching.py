@@ -364,6 +364,38 @@ class PatchingConfig:
         return cls(**{k: v for k, v in (d or {}).items() if k in names})
 
 
+def _clip(box: PatchBox, width: int, height: int) -> tuple[int, int, int, int]:
+    """``x0, y0, x1, y1``: the part of ``box`` inside a ``width`` x ``height`` image."""
+    x0, y0 = max(box.x, 0), max(box.y, 0)
+    return x0, y0, max(min(box.x + box.w, width), x0), max(min(box.y + box.h, height), y0)
+
+
+def _paint_and_pad(
+    inside: np.ndarray, box: PatchBox, x0: int, y0: int, mask: np.ndarray | None, paint_background: bool
+) -> np.ndarray:
+    """A box's pixels from its part ``inside`` the image (top-left at x0, y0), white past the image edges.
+
+    With ``paint_background``, pixels outside the mask are white too.
+    """
+    h, w = inside.shape[:2]
+    if paint_background and mask is not None:
+        inside = inside.copy()
+        inside[~np.asarray(mask[y0 : y0 + h, x0 : x0 + w], dtype=bool)] = 255
+    if (x0, y0, w, h) == (box.x, box.y, box.w, box.h):
+        return inside
+    canvas = np.full((box.h, box.w, 3), 255, dtype=np.uint8)
+    canvas[y0 - box.y : y0 - box.y + h, x0 - box.x : x0 - box.x + w] = inside
+    return canvas
+
+
+def crop_array(
+    image: np.ndarray, box: PatchBox, mask: np.ndarray | None = None, paint_background: bool = False
+) -> np.ndarray:
+    """`crop_patch` of an ``(H, W, 3)`` uint8 array: the ``(box.h, box.w, 3)`` crop, a view unless padded or painted."""
+    x0, y0, x1, y1 = _clip(box, image.shape[1], image.shape[0])
+    return _paint_and_pad(image[y0:y1, x0:x1], box, x0, y0, mask, paint_background)
+
+
 def crop_patch(
     image: Image.Image, box: PatchBox, mask: np.ndarray | None = None, paint_background: bool = False
 ) -> Image.Image:
@@ -375,22 +407,17 @@ def crop_patch(
         mask: The image's boolean mask, needed with ``paint_background``.
         paint_background: Paint pixels outside the mask white.
     """
-    x0, y0 = max(box.x, 0), max(box.y, 0)
-    x1, y1 = min(box.x + box.w, image.width), min(box.y + box.h, image.height)
+    x0, y0, x1, y1 = _clip(box, image.width, image.height)
     limit = Image.MAX_IMAGE_PIXELS
     if limit is not None and (x1 - x0) * (y1 - y0) > limit:
         # PIL checks a crop's size against the decompression-bomb limit; this image is decoded already (under the
         # limit its caller chose), so a large crop (strategy "whole") is cut from the array instead.
-        inside = Image.fromarray(np.asarray(image.convert("RGB"))[y0:y1, x0:x1])
+        inside = np.asarray(image.convert("RGB"))[y0:y1, x0:x1]
     else:
-        inside = image.crop((x0, y0, x1, y1))
-    if paint_background and mask is not None:
-        keep = np.asarray(mask[y0:y1, x0:x1], dtype=bool)
-        arr = np.asarray(inside.convert("RGB")).copy()
-        arr[~keep] = 255
-        inside = Image.fromarray(arr)
-    if (x0, y0, x1, y1) == (box.x, box.y, box.x + box.w, box.y + box.h):
-        return inside
-    canvas = Image.new("RGB", (box.w, box.h), (255, 255, 255))
-    canvas.paste(inside, (x0 - box.x, y0 - box.y))
-    return canvas
+        crop = image.crop((x0, y0, x1, y1))
+        if (x0, y0, x1, y1) == (box.x, box.y, box.x + box.w, box.y + box.h) and not (
+            paint_background and mask is not None
+        ):
+            return crop
+        inside = np.asarray(crop.convert("RGB"))
+    return Image.fromarray(_paint_and_pad(inside, box, x0, y0, mask, paint_background))

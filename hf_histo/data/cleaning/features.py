@@ -6,7 +6,6 @@ import hashlib
 import logging
 import math
 import multiprocessing
-import os
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from tqdm.auto import tqdm
 from ..images import DataError, load_image
 from ..masks import load_mask
 from ..sources import Sample
+from ..workers import available_cpus
 from .config import CleaningConfig
 
 logger = logging.getLogger(__name__)
@@ -265,13 +265,6 @@ def _features_for(job: tuple[str, str, str | None, CleaningConfig]) -> ImageFeat
     return image_features(image, mask, cfg, image_id=image_id)
 
 
-def _available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def stream_features(samples: Sequence[Sample], config: CleaningConfig, progress: bool = False) -> list[ImageFeatures]:
     """Measure every sample's image, one at a time (in worker processes when several CPUs are free).
 
@@ -280,7 +273,7 @@ def stream_features(samples: Sequence[Sample], config: CleaningConfig, progress:
     jobs = [(s.image_id, str(s.image_path), str(s.mask_path) if s.mask_path else None, config) for s in samples]
     workers = config.num_workers
     if workers is None:
-        workers = min(_available_cpus(), 8) if len(jobs) >= 64 else 0
+        workers = min(available_cpus(), 8) if len(jobs) >= 64 else 0
     bar = tqdm(total=len(jobs), desc="clean: reading images", unit="img", disable=not progress)
     out: list[ImageFeatures] = []
     if workers <= 1:
