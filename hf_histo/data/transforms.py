@@ -7,12 +7,29 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from torchvision.transforms import v2
 
-AUGMENTATIONS = ("none", "flips", "histo")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .augmentation import AUGMENTATIONS, IMAGENET_MEAN, IMAGENET_STD, HEDJitter, PatchAugment, RandomRot90
+
+__all__ = [
+    "AUGMENTATIONS",
+    "AugmentationSeed",
+    "HEDJitter",
+    "InputSpec",
+    "PatchAugment",
+    "PatchCollator",
+    "RandomRot90",
+    "build_batch_mixer",
+    "build_patch_augment",
+    "build_transforms",
+    "input_spec",
+    "make_image_processor",
+    "patch_transform_fn",
+    "to_uint8_tensor",
+]
 
 
 @dataclass(frozen=True)
@@ -100,62 +117,6 @@ def make_image_processor(processor_or_spec: Any) -> Any:
     )
 
 
-class HEDJitter(v2.Transform):
-    """Stain augmentation in haematoxylin-eosin-DAB space (Tellez et al., 2018).
-
-    RGB is turned into stain concentrations with the fixed Ruifrok-Johnston matrix (`skimage.color.rgb2hed`),
-    each stain channel is scaled by `U(1 - sigma, 1 + sigma)` and shifted by `U(-bias, bias)`, and the result is
-    turned back into RGB. Works on float images in [0, 1] (`[..., 3, H, W]`); randomness comes from torch's
-    generator, so a seeded Trainer reproduces it.
-
-    Args:
-        sigma: Scale jitter of each stain channel.
-        bias: Additive jitter of each stain channel.
-    """
-
-    def __init__(self, sigma: float = 0.05, bias: float = 0.05):
-        super().__init__()
-        from skimage.color.colorconv import hed_from_rgb, rgb_from_hed
-
-        if sigma < 0 or bias < 0:
-            raise ValueError(f"HEDJitter: sigma and bias must be >= 0, got {sigma}, {bias}")
-        self.sigma = float(sigma)
-        self.bias = float(bias)
-        self.register_buffer("hed_from_rgb", torch.tensor(hed_from_rgb, dtype=torch.float32), persistent=False)
-        self.register_buffer("rgb_from_hed", torch.tensor(rgb_from_hed, dtype=torch.float32), persistent=False)
-
-    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
-        """Draw one scale and one shift per stain channel for the whole sample."""
-        alpha = 1.0 + (torch.rand(3) * 2 - 1) * self.sigma
-        beta = (torch.rand(3) * 2 - 1) * self.bias
-        return {"alpha": alpha, "beta": beta}
-
-    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        """Apply the drawn stain jitter to an image tensor; other inputs pass through."""
-        if not isinstance(inpt, torch.Tensor) or not inpt.is_floating_point():
-            return inpt
-        log_adjust = torch.log(torch.tensor(1e-6))
-        rgb = inpt.movedim(-3, -1).clamp_min(1e-6)
-        stains = (torch.log(rgb) / log_adjust) @ self.hed_from_rgb
-        stains = stains * params["alpha"] + params["beta"]
-        out = torch.exp((stains * log_adjust) @ self.rgb_from_hed).clamp(0, 1)
-        return out.movedim(-1, -3).to(inpt.dtype)
-
-
-class RandomRot90(v2.Transform):
-    """Rotate by a random multiple of 90 degrees (tissue has no up; no interpolation, no border)."""
-
-    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
-        """Draw the number of quarter turns."""
-        return {"k": int(torch.randint(0, 4, ()).item())}
-
-    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        """Rotate image tensors; other inputs pass through."""
-        if not isinstance(inpt, torch.Tensor) or params["k"] == 0:
-            return inpt
-        return torch.rot90(inpt, params["k"], dims=(-2, -1))
-
-
 def build_transforms(
     processor_or_size: Any,
     train: bool,
@@ -167,7 +128,11 @@ def build_transforms(
     color_jitter: float = 0.1,
     hed_jitter: float = 0.05,
 ) -> v2.Compose:
-    """Build the patch transform: PIL image -> normalised float tensor `[3, size, size]`.
+    """Build the per-patch transform: PIL image -> normalised float tensor `[3, size, size]`, all on the CPU.
+
+    The evaluation transform, and the reference of the training augmentation: training runs its equal
+    `build_patch_augment` (geometric ops per patch, colour and stain jitter on the batch), which draws from the
+    same distributions.
 
     Args:
         processor_or_size: The backbone's image processor, an `InputSpec` or an input side (see `input_spec`).
@@ -208,12 +173,33 @@ def build_transforms(
     return v2.Compose(steps)
 
 
+def build_patch_augment(
+    processor_or_size: Any,
+    augment: str = "histo",
+    *,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    crop_scale: tuple[float, float] = (0.6, 1.0),
+    color_jitter: float = 0.1,
+    hed_jitter: float = 0.05,
+) -> PatchAugment:
+    """The training augmentation of `build_transforms(..., train=True)` split for speed: a `PatchAugment`.
+
+    Per patch (DataLoader workers): decode, crop/resize, flips and quarter turns on uint8; per batch, on the
+    training device (its `batch_augment()`, which `HistoTrainer` applies): colour and HED jitter, normalisation.
+    The arguments are `build_transforms`'.
+    """
+    spec = input_spec(processor_or_size, mean, std)
+    return PatchAugment(spec.size, augment, spec.mean, spec.std, crop_scale, color_jitter, hed_jitter)
+
+
 class AugmentationSeed:
     """Seeds each patch's augmentation from `(seed, epoch, image_id, patch_index)` instead of torch's global RNG.
 
-    The draws then no longer depend on how many batches were loaded before, so a run resumed from a mid-epoch
-    checkpoint (where Trainer skips the already-seen batches without loading them) augments every later patch
-    exactly as the uninterrupted run did. `HistoTrainer` advances `epoch` at each epoch start.
+    The draws then no longer depend on how many batches were loaded before nor on which DataLoader worker loads
+    a patch, so a run resumed from a mid-epoch checkpoint (where Trainer skips the already-seen batches without
+    loading them) augments every later patch exactly as the uninterrupted run did. `HistoTrainer` advances `epoch`
+    at each epoch start; the epoch lives in shared memory, so persistent DataLoader workers see it change.
 
     Args:
         seed: Base seed (the run's `--seed`).
@@ -221,12 +207,32 @@ class AugmentationSeed:
 
     def __init__(self, seed: int = 0):
         self.seed = int(seed)
-        self.epoch = 0
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        """The epoch being trained."""
+        return int(self._epoch)
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch.fill_(int(value))
 
     def for_patch(self, image_id: Any, patch_index: Any) -> int:
         """The seed of one patch's augmentation in the current epoch."""
         key = f"{self.seed}:{self.epoch}:{image_id}:{patch_index}".encode()
         return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+    def generator(self, image_id: Any, patch_index: Any) -> torch.Generator:
+        """A CPU `torch.Generator` seeded for one patch in the current epoch."""
+        return torch.Generator().manual_seed(self.for_patch(image_id, patch_index))
+
+
+def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
+    """A decoded patch as a uint8 `[3, H, W]` tensor (RGB): a channels-last view of the pixels, no copy."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
 
 
 def patch_transform_fn(
@@ -235,35 +241,44 @@ def patch_transform_fn(
     label_column: str = "label",
     seed: AugmentationSeed | None = None,
 ) -> Callable:
-    """Wrap a per-image transform for `datasets.Dataset.with_transform`.
+    """Wrap a per-patch transform for `datasets.Dataset.with_transform`.
 
-    The returned function maps a batch of rows to `{"pixel_values": [...], "labels": [...]}`; only these two
-    reach the model, while the dataset keeps its `image_id` / `foreground` columns for image-level metrics.
+    The returned function maps a batch of rows to `{"pixel_values": [...], "labels": [...]}`; only these reach the
+    model, while the dataset keeps its `image_id` / `foreground` columns for image-level metrics. With a
+    `PatchAugment` (training), `pixel_values` are uint8 and rows also carry `augment_params` (colour/stain jitter
+    parameters) when it jitters; the function's `batch_augment` attribute is then the `BatchAugment` that
+    `HistoTrainer` applies to each collated batch on the training device.
 
     Args:
-        transform: PIL image -> tensor.
+        transform: A `PatchAugment`, or any PIL image -> tensor callable (e.g. `build_transforms`).
         image_column: Column holding the patch image.
         label_column: Column holding the class index.
-        seed: Per-patch augmentation seeds (training); None uses torch's global RNG.
+        seed: Per-patch augmentation seeds (with a `PatchAugment`); None draws from torch's global RNG.
     """
+    augment = transform if isinstance(transform, PatchAugment) else None
+    if seed is not None and augment is None:
+        raise TypeError(f"seed= needs a PatchAugment transform (it draws from a generator), got {type(transform)}")
 
     def apply(batch: dict[str, list]) -> dict[str, list]:
         images = batch[image_column]
-        if seed is None or "image_id" not in batch:
-            pixels = [transform(image.convert("RGB")) for image in images]
+        if augment is None:
+            out: dict[str, list] = {"pixel_values": [transform(image.convert("RGB")) for image in images]}
         else:
+            ids = batch.get("image_id") if seed is not None else None
             indices = batch.get("patch_index") or range(len(images))
-            pixels = []
-            for image, image_id, index in zip(images, batch["image_id"], indices):
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed.for_patch(image_id, index))
-                    pixels.append(transform(image.convert("RGB")))
-        out = {"pixel_values": pixels}
+            drawn = [
+                augment(to_uint8_tensor(image), None if ids is None else seed.generator(ids[i], indices[i]))
+                for i, image in enumerate(images)
+            ]
+            out = {"pixel_values": [patch for patch, _ in drawn]}
+            if augment.jitters:
+                out["augment_params"] = [params for _, params in drawn]
         if label_column in batch:
             out["labels"] = list(batch[label_column])
         return out
 
     apply.augmentation_seed = seed
+    apply.batch_augment = None if augment is None else augment.batch_augment()
     return apply
 
 
@@ -302,10 +317,11 @@ def build_batch_mixer(
 
 
 class PatchCollator:
-    """Stack `pixel_values` and `labels` of a list of rows; optionally mix the batch (CutMix/MixUp).
+    """Stack `pixel_values`, `labels` and `augment_params` of a list of rows; optionally mix the batch (CutMix/MixUp).
 
     Args:
-        mixer: From `build_batch_mixer`; applied only while `training` is True.
+        mixer: From `build_batch_mixer`; applied only while `training` is True, to float inputs (uint8 training
+            batches of a `PatchAugment` are mixed after their `BatchAugment`: pass the mixer to `HistoTrainer`).
         input_name: Key of the model input (`"pixel_values"`, or `"embeddings"` for cached features).
     """
 
@@ -318,9 +334,13 @@ class PatchCollator:
         """Collate rows into a batch dict."""
         inputs = torch.stack([torch.as_tensor(row[self.input_name]) for row in rows])
         batch = {self.input_name: inputs}
+        if rows and rows[0].get("augment_params") is not None:
+            batch["augment_params"] = torch.stack([row["augment_params"] for row in rows])
         if rows and "labels" in rows[0]:
             labels = torch.as_tensor([int(row["labels"]) for row in rows], dtype=torch.long)
             if self.mixer is not None and self.training:
+                if not inputs.is_floating_point():
+                    raise ValueError("PatchCollator(mixer=...) got uint8 patches: pass the mixer to HistoTrainer")
                 inputs, labels = self.mixer(inputs, labels)
                 batch[self.input_name] = inputs
             batch["labels"] = labels

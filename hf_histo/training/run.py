@@ -13,6 +13,7 @@ from ..data.patching import PatchingConfig
 from ..data.transforms import (
     AugmentationSeed,
     InputSpec,
+    build_patch_augment,
     build_transforms,
     input_spec,
     make_image_processor,
@@ -62,6 +63,7 @@ def build_datasets(data_args: DataArguments, seed: int = 0):
         on_error=data_args.on_error,
         resize_masks=data_args.resize_masks,
         max_image_pixels=data_args.max_image_pixels,
+        num_proc=data_args.num_proc,
     )
     logger.info("patch dataset %s", report.summary())
     return data
@@ -193,17 +195,19 @@ def build_model(
 def with_patch_transforms(data, processor, data_args: DataArguments, eval_split: str = "validation", seed: int = 0):
     """Attach the train (augmenting) and eval (deterministic) transforms to the splits.
 
-    Training augmentation is seeded per patch and epoch (`AugmentationSeed`), so resumed runs augment like
-    uninterrupted ones.
+    Training rows carry uint8 patches, cropped, flipped and turned in the DataLoader workers, and their colour /
+    stain jitter parameters; `HistoTrainer` jitters and normalises each batch on the training device (the
+    dataset's `batch_augment`, see `build_patch_augment`). The draws are seeded per patch and epoch
+    (`AugmentationSeed`), so resumed runs augment like uninterrupted ones, with any number of workers.
 
     Returns:
-        `(train_dataset, eval_dataset)`: `with_transform` views producing `pixel_values` and `labels`; the
-        other columns (`image_id`, `foreground`) stay readable for image-level metrics.
+        `(train_dataset, eval_dataset)`: `with_transform` views producing `pixel_values` and `labels` (and
+        `augment_params` for training); the other columns (`image_id`, `foreground`) stay readable for
+        image-level metrics.
     """
     spec = input_spec(processor)
-    train_tf = build_transforms(
+    train_tf = build_patch_augment(
         spec,
-        train=True,
         augment=data_args.augment,
         crop_scale=(data_args.crop_scale_min, 1.0),
         color_jitter=data_args.color_jitter,

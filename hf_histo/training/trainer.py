@@ -156,10 +156,20 @@ class HistoTrainer(Trainer):
         *args: `Trainer` arguments.
         loss_fn: `forward(logits, targets)` module; default from the arguments and the train labels.
         batch_mixer: `mix(pixel_values, labels)` applied to training batches (see `build_batch_mixer`).
+        batch_augment: `augment(pixel_values, augment_params)` applied to uint8 batches on the training device
+            before the mixer: colour/stain jitter and normalisation (`BatchAugment`); default: the one the train
+            dataset's `patch_transform_fn` carries.
         **kwargs: `Trainer` keyword arguments; `compute_metrics` defaults to `ImageLevelMetrics`.
     """
 
-    def __init__(self, *args, loss_fn: nn.Module | None = None, batch_mixer: Callable | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        loss_fn: nn.Module | None = None,
+        batch_mixer: Callable | None = None,
+        batch_augment: Callable | None = None,
+        **kwargs,
+    ):
         model = kwargs.get("model", args[0] if args else None)
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
         labels = label_names(model)
@@ -191,7 +201,10 @@ class HistoTrainer(Trainer):
             loss_fn = build_training_loss(self.args, train_labels, len(labels))
         self.loss_fn = loss_fn
         self.batch_mixer = batch_mixer
-        augmentation_seed = _augmentation_seed(self.train_dataset)
+        if batch_augment is None:
+            batch_augment = _dataset_transform_attribute(self.train_dataset, "batch_augment")
+        self.batch_augment = batch_augment
+        augmentation_seed = _dataset_transform_attribute(self.train_dataset, "augmentation_seed")
         if augmentation_seed is not None:  # per-patch augmentation seeds follow the run's seed and epoch
             augmentation_seed.seed = self.args.seed
             self.add_callback(_AugmentationEpoch(augmentation_seed))
@@ -224,8 +237,8 @@ class HistoTrainer(Trainer):
 
     # ---- loss and training step ----------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Loss of the model's logits under `self.loss_fn`; training batches go through `batch_mixer` first."""
-        inputs = dict(inputs)
+        """Loss of the logits under `self.loss_fn`; batches go through `batch_augment` and `batch_mixer` first."""
+        inputs = self._augment(inputs, jitter=model.training)
         labels = inputs.pop("labels", None)
         if model.training:
             self._keep_gated_batchnorm_frozen(model)
@@ -237,6 +250,15 @@ class HistoTrainer(Trainer):
             raise ValueError("HistoTrainer needs `labels` in every batch")
         loss = self.loss_fn(logits, labels)
         return (loss, outputs) if return_outputs else loss
+
+    def _augment(self, inputs: dict[str, Any], jitter: bool) -> dict[str, Any]:
+        """Apply `batch_augment` to uint8 pixel batches: jitter with their `augment_params` (training), normalise."""
+        inputs = dict(inputs)
+        params = inputs.pop("augment_params", None)
+        pixels = inputs.get("pixel_values")
+        if self.batch_augment is not None and pixels is not None and not pixels.is_floating_point():
+            inputs["pixel_values"] = self.batch_augment(pixels, params if jitter else None)
+        return inputs
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """Forward/backward, then drop the gradients of gated (not yet unfrozen) blocks before clipping."""
@@ -322,7 +344,7 @@ class HistoTrainer(Trainer):
         other inputs (cached embeddings) through the model, whose logits are softmaxed. The loss is the loss
         function on the log-probabilities (equal to it on the logits without TTA).
         """
-        inputs = self._prepare_inputs(inputs)
+        inputs = self._augment(self._prepare_inputs(inputs), jitter=False)
         labels = inputs.get("labels")
         with torch.no_grad(), self.compute_loss_context_manager():
             if "pixel_values" in inputs:
@@ -335,10 +357,10 @@ class HistoTrainer(Trainer):
         return (loss, None if prediction_loss_only else probs, labels)
 
 
-def _augmentation_seed(dataset: Any) -> Any:
-    """The `AugmentationSeed` of a dataset formatted with `patch_transform_fn(..., seed=...)`, if any."""
+def _dataset_transform_attribute(dataset: Any, name: str) -> Any:
+    """`augmentation_seed` / `batch_augment` of a dataset formatted with `patch_transform_fn`, if any."""
     transform = (getattr(dataset, "format", None) or {}).get("format_kwargs", {}).get("transform")
-    return getattr(transform, "augmentation_seed", None)
+    return getattr(transform, name, None)
 
 
 class _AugmentationEpoch(TrainerCallback):
