@@ -85,6 +85,7 @@ def main(data_args, model_args, training_args):
                 training_args.tta,
                 batch_size=training_args.per_device_eval_batch_size,
                 cache_dir=data_args.cache_dir,
+                num_workers=training_args.dataloader_num_workers,
             )
         collator = PatchCollator(input_name="embeddings")
     else:

@@ -6,8 +6,10 @@
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Iterable, Iterator
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,10 +19,12 @@ from PIL import Image
 
 from ..data.images import DataError, load_rgb
 from ..data.masks import resolve_mask
-from ..data.patching import PatchBox, PatchingConfig, crop_patch
+from ..data.patching import PatchBox, PatchingConfig, crop_array, crop_patch
 from ..models.aggregation import AGGREGATIONS, TTA_MODES, aggregate
+from .feed import PixelTransform, read_ahead, stack_patches
 
 DEFAULT_BATCH_SIZE = 32
+DEFAULT_NUM_WORKERS = 2  # read-ahead threads of the folder-level entry points (predict, evaluate)
 
 # Values of `ImagePrediction.fallback` (None when the image was patched normally).
 FALLBACK_BEST_TILE = "best_tile"  # no patch passed the strategy's filters: the best single tile (as in training)
@@ -28,6 +32,9 @@ MASK_FALLBACKS = ("empty_mask_tissue", "empty_mask_whole", "whole")  # resolve_m
 # What a bad input raises while it is decoded and patched (DataError is a ValueError); anything else is a bug or the
 # model's, and stops the run.
 ITEM_ERRORS = (ValueError, TypeError)
+# load_rgb and load_mask change PIL's global pixel limit and the warnings filters while they decode, which is not
+# thread-safe: read-ahead threads take turns to decode and patch; cropping and resizing run in parallel.
+_DECODE_LOCK = threading.Lock()
 
 
 def check_tta(mode: str) -> str:
@@ -42,6 +49,13 @@ def check_aggregation(method: str) -> str:
     if method not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {method!r}; choose one of {list(AGGREGATIONS)}")
     return method
+
+
+def check_num_workers(num_workers: int) -> int:
+    """Return ``num_workers`` (read-ahead threads) as an int if it is >= 0; raise a clear error otherwise."""
+    if int(num_workers) < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    return int(num_workers)
 
 
 def item_error(error: Exception, name: str | None) -> DataError:
@@ -93,6 +107,7 @@ class PatchedImage:
     boxes: np.ndarray  # [N, 5] int64: x, y, w, h, foreground pixels
     mask_source: str
     fallback: str | None
+    patches: torch.Tensor | None = None  # InferenceEngine.cut, once cut (None until then)
 
 
 @dataclass
@@ -143,8 +158,15 @@ class InferenceEngine:
     """Classify whole images with a patch classifier exactly as it was trained and evaluated.
 
     Stages, each callable (and timeable) on its own: ``decode`` (the one RGB conversion, shared with the dataset
-    builder) -> ``patch`` (mask or tissue detection, then the model's ``PatchingConfig``) -> ``preprocess`` (the
-    saved image processor) -> ``forward`` (batched, TTA views averaged) -> ``aggregate`` (the image vote).
+    builder) -> ``patch`` (mask or tissue detection, then the model's ``PatchingConfig``) -> ``cut`` (the patches
+    as one uint8 tensor at the processor's size) -> ``to_model`` (the processor's normalisation, on the model's
+    device) -> ``forward`` (batched, TTA views averaged) -> ``aggregate`` (the image vote). ``load`` is decode,
+    patch and cut: what the read-ahead threads of ``predict_many`` do while the model runs.
+
+    The saved image processor's resize and normalisation run as tensor ops on all patches of an image at once
+    (`PixelTransform`: the numbers of transformers' torchvision `ViTImageProcessor` and of training's evaluation
+    transform). A processor that this does not reproduce (centre crop, another resampling or processor class) is
+    called on the PIL crops instead.
 
     Args:
         model: A classifier whose ``config`` has ``id2label`` and, for the defaults, ``patching``,
@@ -155,6 +177,8 @@ class InferenceEngine:
         tta: ``"none"``, ``"flips"`` or ``"d4"`` (default: ``model.config.tta``, the TTA of the reported figures).
         batch_size: Patches per forward pass (patches of consecutive images share batches).
         max_image_pixels: Raise PIL's decompression-bomb limit for trusted large images.
+        num_workers: Threads of ``predict_many`` that decode, patch and cut the next images while the model runs
+            (0: one image at a time in the calling thread, nothing read ahead).
     """
 
     def __init__(
@@ -167,6 +191,7 @@ class InferenceEngine:
         tta: str | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         max_image_pixels: int | None = None,
+        num_workers: int = 0,
     ):
         config = model.config
         if patching is None:
@@ -185,6 +210,8 @@ class InferenceEngine:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
         self.max_image_pixels = max_image_pixels
+        self.num_workers = check_num_workers(num_workers)
+        self.transform = PixelTransform.of(image_processor)
         self.labels = [str(config.id2label[i]) for i in range(len(config.id2label))]
 
     @property
@@ -219,19 +246,56 @@ class InferenceEngine:
         return PatchedImage(image, mask_array, array, mask_source, fallback)
 
     def crops(self, patched: PatchedImage, rows: Iterable[int] | None = None) -> list[Image.Image]:
-        """The patch crops of an image (all, or the given box rows), padded white past the edges."""
+        """The patch crops of an image (all, or the given box rows) as PIL images, padded white past the edges."""
         paint = self.patching.paint_background
         rows = range(len(patched.boxes)) if rows is None else rows
         return [crop_patch(patched.image, PatchBox(*map(int, patched.boxes[i])), patched.mask, paint) for i in rows]
 
+    def cut(self, patched: PatchedImage, rows: Sequence[int] | None = None) -> torch.Tensor:
+        """The patches of an image (all, or the given box rows) at the processor's size, on the CPU.
+
+        uint8 ``[N, 3, H, W]``: slices of the decoded image (the crops of ``crops``), resized together, one tensor op
+        per patch size. Without a `PixelTransform`, the image processor's (normalised) output of ``crops``.
+        """
+        if self.transform is None:
+            return self.image_processor(images=self.crops(patched, rows), return_tensors="pt")["pixel_values"]
+        array, paint = np.asarray(patched.image), self.patching.paint_background
+        rows = range(len(patched.boxes)) if rows is None else rows
+        return stack_patches(
+            self.transform,
+            [crop_array(array, PatchBox(*map(int, patched.boxes[i])), patched.mask, paint) for i in rows],
+        )
+
+    def to_model(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The model's input of ``cut`` patches: moved to its device (as uint8), normalised there, in its dtype."""
+        pixels = pixels.to(self.device)
+        if pixels.dtype == torch.uint8:
+            pixels = self.transform.normalize(pixels)
+        return pixels.to(dtype=self.model.dtype)
+
     def preprocess(self, crops: list[Image.Image]) -> torch.Tensor:
-        """Image-processor tensor of patch crops, on the model's device and dtype."""
-        pixels = self.image_processor(images=crops, return_tensors="pt")["pixel_values"]
-        return pixels.to(device=self.device, dtype=self.model.dtype)
+        """The model's input of PIL patch crops, on its device and dtype (``to_model`` of their ``cut``)."""
+        if self.transform is None:
+            return self.to_model(self.image_processor(images=crops, return_tensors="pt")["pixel_values"])
+        return self.to_model(stack_patches(self.transform, [np.asarray(crop.convert("RGB")) for crop in crops]))
 
     def forward(self, pixel_values: torch.Tensor, tta: str | None = None) -> np.ndarray:
         """Patch probabilities ``[B, C]`` (float64) of a processed batch, averaged over the TTA views."""
         return patch_probabilities(self.model, pixel_values, tta or self.tta).cpu().numpy().astype(np.float64)
+
+    def load(
+        self,
+        image: Any,
+        mask: Any = None,
+        resize_mask: bool = False,
+        name: str | None = None,
+        timeout: float | None = None,
+    ) -> PatchedImage:
+        """``decode``, ``patch`` and ``cut`` one image: a `PatchedImage` with its ``patches`` (thread-safe)."""
+        with _DECODE_LOCK:
+            patched = self.patch(self.decode(image, timeout, name), mask, resize_mask, name)
+        patched.patches = self.cut(patched)
+        return patched
 
     def aggregate(self, patch_probs: np.ndarray, boxes: np.ndarray, aggregation: str | None = None) -> np.ndarray:
         """Image probabilities ``[C]`` from the patch probabilities (mask-weighted votes use the boxes' coverage)."""
@@ -242,9 +306,9 @@ class InferenceEngine:
     def patch_probs(self, patched: PatchedImage, tta: str | None = None, batch_size: int | None = None) -> np.ndarray:
         """Probabilities ``[N, C]`` of every patch of one patched image, in forward batches of ``batch_size``."""
         batch = batch_size or self.batch_size
-        rows = range(len(patched.boxes))
+        patches = patched.patches if patched.patches is not None else self.cut(patched)
         return np.concatenate(
-            [self.forward(self.preprocess(self.crops(patched, rows[i : i + batch])), tta) for i in rows[::batch]]
+            [self.forward(self.to_model(patches[i : i + batch]), tta) for i in range(0, len(patches), batch)]
         )
 
     def prediction(
@@ -296,6 +360,9 @@ class InferenceEngine:
     ) -> Iterator[ImagePrediction | DataError]:
         """Predict ``(image, mask, image_id)`` items in order; patches of consecutive images share forward batches.
 
+        With ``num_workers`` threads, the next images are decoded, patched and cut (``load``) while the model runs,
+        about a batch of patches ahead; the predictions are the same for any number of threads.
+
         Args:
             items: Images (path, URL, PIL image or array), their masks (or None) and ids (or None).
             resize_mask: Resize masks whose size differs from their image instead of failing.
@@ -308,14 +375,18 @@ class InferenceEngine:
         aggregation = check_aggregation(aggregation or self.aggregation)
         # Images in order: (patched image, id, patch rows filled in by the forwards) or the error of a bad item.
         pending: list[tuple[PatchedImage, str | None, list[np.ndarray]] | DataError] = []
-        queue: list[tuple[list[np.ndarray], Image.Image]] = []  # crops waiting for a forward, with their image's rows
+        queue: list[tuple[list[np.ndarray], torch.Tensor]] = []  # patches waiting for a forward, with their rows
+        queued = 0
 
         def flush() -> None:
+            nonlocal queued
             if queue:
-                probs = self.forward(self.preprocess([crop for _, crop in queue]), tta)
-                for (rows, _), row in zip(queue, probs):
-                    rows.append(row)
+                probs = self.forward(self.to_model(torch.cat([patches for _, patches in queue])), tta)
+                for rows, patches in queue:
+                    rows.extend(probs[: len(patches)])
+                    probs = probs[len(patches) :]
                 queue.clear()
+                queued = 0
 
         def finished() -> Iterator[ImagePrediction | DataError]:
             while pending and (isinstance(pending[0], DataError) or len(pending[0][2]) == len(pending[0][0].boxes)):
@@ -326,21 +397,39 @@ class InferenceEngine:
                     patched, image_id, rows = done
                     yield self.prediction(patched, np.stack(rows), image_id, aggregation, tta)
 
-        for image, mask, image_id in items:
+        def load(item: tuple[Any, Any, str | None]) -> tuple[PatchedImage | DataError, str | None]:
+            image, mask, image_id = item
             name = os.fspath(image) if isinstance(image, (str, os.PathLike)) else image_id
             try:
-                patched = self.patch(self.decode(image, name=name), mask, resize_mask, name)
+                return self.load(image, mask, resize_mask, name), image_id
             except ITEM_ERRORS as e:
                 if not return_errors:
                     raise
-                pending.append(item_error(e, name))
+                return item_error(e, name), image_id
+
+        loaded = [0, 0]  # images and patches read so far
+
+        def ahead() -> int:
+            # Images in flight: one per thread, and a batch of patches' worth more (as many images as a batch took so
+            # far), so the threads go on reading while the model runs on a batch.
+            return self.num_workers + (math.ceil(self.batch_size * loaded[0] / loaded[1]) if loaded[1] else 0)
+
+        for patched, image_id in read_ahead(load, items, self.num_workers, ahead):
+            if isinstance(patched, DataError):
+                pending.append(patched)
                 yield from finished()
                 continue
+            loaded[0] += 1
+            loaded[1] += len(patched.boxes)
             rows: list[np.ndarray] = []
             pending.append((patched, image_id, rows))
-            for crop in self.crops(patched):
-                queue.append((rows, crop))
-                if len(queue) == self.batch_size:
+            patches, patched.patches = patched.patches, None  # the forwards hold them from here
+            while len(patches):
+                take = min(self.batch_size - queued, len(patches))
+                queue.append((rows, patches[:take]))
+                queued += take
+                patches = patches[take:]
+                if queued == self.batch_size:
                     flush()
                     yield from finished()
         flush()

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from ..data.images import DataError
 from ..data.sources import Sample, read_samples
-from .engine import ITEM_ERRORS, InferenceEngine
+from .engine import DEFAULT_NUM_WORKERS, ITEM_ERRORS, InferenceEngine, check_num_workers
 from .loading import ModelSource, check_output_file, load_engine
 from .plots import plot_confusion_matrix
 from .predict import check_on_error, log_failures, with_skip_hint
@@ -32,7 +32,7 @@ def evaluate_samples(
     """Predict every sample (image + mask, tissue detection without one) and score the labelled ones.
 
     Args:
-        engine: The model's inference engine.
+        engine: The model's inference engine (its ``num_workers`` threads read ahead).
         samples: The images; a label the model does not know is an error, no label (None) is kept unscored.
         split: Name of the image set in the result.
         n_bootstrap: Resamples of the macro-F1 confidence interval.
@@ -108,6 +108,7 @@ def evaluate_model(
     resize_masks: bool = False,
     max_image_pixels: int | None = None,
     masks: str | Path | None = None,
+    num_workers: int = DEFAULT_NUM_WORKERS,
 ) -> ImageLevelResult:
     """Score a model on every labelled image of a folder (``hf-histo evaluate``).
 
@@ -136,6 +137,8 @@ def evaluate_model(
         max_image_pixels: Raise PIL's decompression-bomb limit for trusted large images.
         masks: A folder of masks named like the images (``masks/<image name>``); a given mask overrides the
             layout's own for its image (see ``read_samples``).
+        num_workers: Threads that decode and patch the next images while the model runs (0: none); the metrics
+            are the same for any value.
 
     Raises:
         DataError: The folder has no labelled image, labels the model does not know, a bad image (with
@@ -143,6 +146,7 @@ def evaluate_model(
     """
     start = time.perf_counter()
     check_on_error(on_error)
+    num_workers = check_num_workers(num_workers)
     if out_path is not None:
         out_path = check_output_file(out_path, "metrics.json")
     engine = load_engine(
@@ -153,6 +157,7 @@ def evaluate_model(
         tta=tta,
         max_image_pixels=max_image_pixels,
     )
+    engine.num_workers = num_workers
     sample_set = read_samples(data, layout=layout, on_error=on_error, masks=masks)
     labelled = [s for s in sample_set.samples if s.label is not None]
     if not labelled:

@@ -136,7 +136,7 @@ class HistoImageClassificationPipeline(Pipeline):
         return preprocess_params, forward_params, postprocess_params
 
     def preprocess(self, item: dict, resize_mask: bool = False, timeout: float | None = None) -> dict:
-        """Decode the image (the builder's decode), resolve its mask and select the patch boxes.
+        """Decode the image (the builder's decode), resolve its mask, select the patch boxes and cut the patches.
 
         An item of a list that cannot be read or patched becomes ``{"error": DataError}`` (a single image raises).
         """
@@ -146,7 +146,7 @@ class HistoImageClassificationPipeline(Pipeline):
         if name is None and position is not None:
             name = f"image {position}"
         try:
-            patched = self.engine.patch(self.engine.decode(source, timeout, name), item.get("mask"), resize_mask, name)
+            patched = self.engine.load(source, item.get("mask"), resize_mask, name, timeout)
         except ITEM_ERRORS as e:
             if position is None:
                 raise

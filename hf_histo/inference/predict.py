@@ -14,7 +14,15 @@ from pathlib import Path
 from ..data.images import DataError
 from ..data.sources import OnError, Sample, SampleSet, read_samples
 from ..utils import atomic_write_text, csv_safe
-from .engine import ITEM_ERRORS, InferenceEngine, check_aggregation, check_tta, item_error
+from .engine import (
+    DEFAULT_NUM_WORKERS,
+    ITEM_ERRORS,
+    InferenceEngine,
+    check_aggregation,
+    check_num_workers,
+    check_tta,
+    item_error,
+)
 from .loading import ModelSource, check_output_file, load_engine
 
 logger = logging.getLogger("hf_histo.inference")  # predict, evaluate and explain report failures here
@@ -98,6 +106,7 @@ def predict_folder(
     on_error: str = "raise",
     masks: str | os.PathLike | None = None,
     split: str | None = None,
+    num_workers: int = DEFAULT_NUM_WORKERS,
 ) -> Path:
     """Classify the images of a folder (or one image file) and write the challenge's submission CSV.
 
@@ -108,7 +117,8 @@ def predict_folder(
 
     Args:
         model_dir: Checkpoint folder (or Hub id) saved by hf-histo, a cross-validation root (fold ensemble), or a
-            loaded `InferenceEngine` (its model is reused; `batch_size`, `aggregation` and `tta` still apply).
+            loaded `InferenceEngine` (its model is reused; `batch_size`, `aggregation`, `tta` and `num_workers`
+            still apply).
         data_dir: Data folder in any layout `read_samples` knows (a plain folder of images too), a clean manifest
             CSV, or one image file.
         out_csv: CSV to write (atomically): `sample_index,label`, one row per image in image-id order;
@@ -131,6 +141,8 @@ def predict_folder(
         split: `"all"`, `"train"` or `"test"` (`Sample.split`); None: the challenge layout's `test_data` images (its
             `train_data` images, with a warning, when there are none), every image of the other layouts.
             `"train"`/`"test"` need a layout with splits (challenge, table, manifest).
+        num_workers: Threads that decode and patch the next images while the model runs (0: none, one image at a
+            time); the CSV is the same for any value.
 
     Returns:
         `out_csv` as a `Path`.
@@ -142,6 +154,7 @@ def predict_folder(
     from tqdm.auto import tqdm
 
     check_on_error(on_error)
+    num_workers = check_num_workers(num_workers)
     out_csv = check_output_file(out_csv, "submission.csv")
     sample_set = read_samples(data_dir, layout=layout, on_error=on_error, masks=masks)
     samples, chosen = _select_split(sample_set, split)
@@ -151,6 +164,7 @@ def predict_folder(
         engine.aggregation = check_aggregation(aggregation) if aggregation else engine.aggregation
         engine.tta = check_tta(tta) if tta else engine.tta
         engine.max_image_pixels = max_image_pixels if max_image_pixels is not None else engine.max_image_pixels
+        engine.num_workers = num_workers
     else:
         engine = load_engine(
             model_dir,
@@ -160,6 +174,7 @@ def predict_folder(
             tta=tta,
             max_image_pixels=max_image_pixels,
         )
+        engine.num_workers = num_workers
     labels = engine.labels
     names = _sample_names(samples, sample_set.root)
     ids_as_given = sample_set.layout == "challenge"  # the challenge's sample_index cells are the grader's ids

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from ..data.transforms import InputSpec, build_transforms, input_spec
@@ -19,6 +21,41 @@ CACHE_VERSION = 1
 VIEW_MODES = {"none": 1, "flips": 3, "d4": 8}
 # Positions of the TTA views inside the cached "d4" views (tta_views order: 4 quarter turns, then their h-flips).
 D4_SUBSETS = {"none": [0], "flips": [0, 4, 6], "d4": list(range(8))}
+
+
+class _PatchPixels(torch.utils.data.Dataset):
+    """The evaluation transform's pixels of every patch of a split: what `compute_embeddings`' DataLoader reads."""
+
+    def __init__(self, dataset: Any, transform: Any):
+        self.images = dataset.select_columns(["image"])
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.transform(self.images[index]["image"].convert("RGB"))
+
+    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+        return [self.transform(image.convert("RGB")) for image in self.images[indices]["image"]]
+
+
+def patch_pixel_loader(
+    dataset: Any, processor_or_spec: Any, batch_size: int = 64, num_workers: int = 0, pin_memory: bool = False
+) -> DataLoader:
+    """Batches ``[B, 3, S, S]`` of the evaluation transform's pixels of a patch split, in order.
+
+    Args:
+        dataset: The raw patch split (an ``image`` column).
+        processor_or_spec: The image processor, `InputSpec` or input side.
+        batch_size: Patches per batch.
+        num_workers: Worker processes that decode and transform the patches (0: the calling process).
+        pin_memory: Page-locked batches, for fast copies to a GPU.
+    """
+    transform = build_transforms(input_spec(processor_or_spec), train=False)
+    return DataLoader(
+        _PatchPixels(dataset, transform), batch_size, num_workers=int(num_workers), pin_memory=pin_memory
+    )
 
 
 def backbone_fingerprint(model: nn.Module) -> str:
@@ -71,6 +108,7 @@ def compute_embeddings(
     batch_size: int = 64,
     cache_dir: str | Path | None = None,
     device: str | torch.device | None = None,
+    num_workers: int = 0,
 ):
     """Embed every patch of `dataset` with the model's backbone, once, and cache the result.
 
@@ -78,7 +116,8 @@ def compute_embeddings(
     weights, the dataset fingerprint, the input transform and the views, so a changed backbone, patching or input
     size never reads stale features. `Dataset.map` streams the batches into that Arrow file (written to a
     temporary file, then moved in place) and loads the file instead when it exists: under
-    `main_process_first`, the main process computes and the others load.
+    `main_process_first`, the main process computes and the others load. Patches are decoded and transformed by a
+    DataLoader's ``num_workers`` processes while the backbone runs; the embeddings do not depend on their number.
 
     Args:
         model: A `HistoClassifierForImageClassification` (its `embed` is used; the head is not).
@@ -88,6 +127,7 @@ def compute_embeddings(
         batch_size: Patches per forward pass.
         cache_dir: Cache folder override (needed for in-memory datasets to be cached at all).
         device: Device for the forward passes (default: the model's).
+        num_workers: DataLoader worker processes that decode and transform patches (0: in the main process).
 
     Returns:
         A `datasets.Dataset` in torch format with `embeddings` (`[V, D]` float32 per patch), `labels`, and
@@ -113,13 +153,21 @@ def compute_embeddings(
             **{c: raw.features[c] for c in keep},
         }
     )
-    transform = build_transforms(spec, train=False)
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    batches: Iterator[torch.Tensor] | None = None  # started by the first batch map() computes: none on a cache hit
+    done = 0
 
-    def embed(batch: dict[str, list]) -> dict[str, Any]:
-        pixels = torch.stack([transform(image.convert("RGB")) for image in batch["image"]]).to(device)
+    def embed(labels: list[int], indices: list[int]) -> dict[str, Any]:
+        # map() hands over the batches in order, of the DataLoader's size: its pixels are those rows'
+        nonlocal batches, done
+        if batches is None:
+            batches = iter(patch_pixel_loader(raw, spec, batch_size, num_workers, pin_memory=device.type == "cuda"))
+        if not indices or indices[0] != done:
+            raise RuntimeError(f"embedding batches out of order: rows {indices[:1]}... after {done} rows")
+        pixels = next(batches).to(device, non_blocking=True)
+        done += len(indices)
         embeddings = torch.stack([model.embed(v) for v in tta_views(pixels, views)], dim=1)
-        return {"embeddings": embeddings.float().cpu().numpy(), "labels": [int(y) for y in batch["label"]]}
+        return {"embeddings": embeddings.float().cpu().numpy(), "labels": [int(y) for y in labels]}
 
     was_training = model.training
     model.eval()
@@ -128,6 +176,8 @@ def compute_embeddings(
             embed,
             batched=True,
             batch_size=batch_size,
+            input_columns=["label"],  # the image column is read by the DataLoader, not decoded here
+            with_indices=True,
             remove_columns=[c for c in raw.column_names if c not in keep],
             features=features,
             keep_in_memory=path is None,
@@ -219,18 +269,22 @@ def prepare_cached_head(
     batch_size: int = 64,
     cache_dir: str | Path | None = None,
     eval_split: str = "validation",
+    num_workers: int = 0,
 ) -> tuple[HeadOnlyModel, Any, Any]:
     """Embed the train and eval splits once and wrap the model for head-only training.
+
+    ``batch_size``, ``cache_dir`` and ``num_workers`` are those of `compute_embeddings`.
 
     Returns:
         `(head_model, train_embeddings, eval_embeddings)`, ready for `HistoTrainer` with
         `PatchCollator(input_name="embeddings")`.
     """
     views, train_views, eval_views = cached_views_for(augment, tta)
-    train = compute_embeddings(model, data["train"], processor_or_spec, views, batch_size, cache_dir)
+    options = dict(views=views, batch_size=batch_size, cache_dir=cache_dir, num_workers=num_workers)
+    train = compute_embeddings(model, data["train"], processor_or_spec, **options)
     evaluation = None
     if eval_split in data:
-        evaluation = compute_embeddings(model, data[eval_split], processor_or_spec, views, batch_size, cache_dir)
+        evaluation = compute_embeddings(model, data[eval_split], processor_or_spec, **options)
     return HeadOnlyModel(model, eval_views=eval_views, train_views=train_views), train, evaluation
 
 
