@@ -76,17 +76,17 @@ def main(data_args, model_args, training_args):
     mixer = build_batch_mixer(len(labels), data_args.cutmix_alpha, data_args.mixup_alpha, data_args.mix_prob)
     if embedding_cache_applies(model, data_args, training_args):  # embed every tile once, train the head only
         model.to(training_args.device)
-        with training_args.main_process_first(desc="embedding cache"):
-            trainable, train_dataset, eval_dataset = prepare_cached_head(
-                model,
-                data,
-                processor,
-                data_args.augment,
-                training_args.tta,
-                batch_size=training_args.per_device_eval_batch_size,
-                cache_dir=data_args.cache_dir,
-                num_workers=training_args.dataloader_num_workers,
-            )
+        # every process embeds its shard of the tiles (so no main_process_first); the shards join into one cache
+        trainable, train_dataset, eval_dataset = prepare_cached_head(
+            model,
+            data,
+            processor,
+            data_args.augment,
+            training_args.tta,
+            batch_size=training_args.per_device_eval_batch_size,
+            cache_dir=data_args.cache_dir,
+            num_workers=training_args.dataloader_num_workers,
+        )
         collator = PatchCollator(input_name="embeddings")
     else:
         trainable, collator = model, PatchCollator()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -115,9 +116,15 @@ def compute_embeddings(
     The cache lives next to the dataset's own Arrow cache files (or in `cache_dir`) under a key of the backbone
     weights, the dataset fingerprint, the input transform and the views, so a changed backbone, patching or input
     size never reads stale features. `Dataset.map` streams the batches into that Arrow file (written to a
-    temporary file, then moved in place) and loads the file instead when it exists: under
-    `main_process_first`, the main process computes and the others load. Patches are decoded and transformed by a
-    DataLoader's ``num_workers`` processes while the backbone runs; the embeddings do not depend on their number.
+    temporary file, then moved in place) and loads the file instead when it exists. Patches are decoded and
+    transformed by a DataLoader's ``num_workers`` processes while the backbone runs; the embeddings do not depend on
+    their number.
+
+    Under several processes (a `torch.distributed` group, as `accelerate launch` starts) every process must call
+    this: each embeds its contiguous shard of the patches into its own file, then the main process joins the shards
+    in order into the one cache file (atomically renamed into place), the same rows as one process writes. The cache
+    folder must be shared by all processes; processes whose cache keys differ fail with a ValueError. A cache hit is
+    a pure load on every process; an in-memory dataset without `cache_dir` is embedded whole by every process.
 
     Args:
         model: A `HistoClassifierForImageClassification` (its `embed` is used; the head is not).
@@ -154,41 +161,110 @@ def compute_embeddings(
         }
     )
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    batches: Iterator[torch.Tensor] | None = None  # started by the first batch map() computes: none on a cache hit
-    done = 0
 
-    def embed(labels: list[int], indices: list[int]) -> dict[str, Any]:
-        # map() hands over the batches in order, of the DataLoader's size: its pixels are those rows'
-        nonlocal batches, done
-        if batches is None:
-            batches = iter(patch_pixel_loader(raw, spec, batch_size, num_workers, pin_memory=device.type == "cuda"))
-        if not indices or indices[0] != done:
-            raise RuntimeError(f"embedding batches out of order: rows {indices[:1]}... after {done} rows")
-        pixels = next(batches).to(device, non_blocking=True)
-        done += len(indices)
-        embeddings = torch.stack([model.embed(v) for v in tta_views(pixels, views)], dim=1)
-        return {"embeddings": embeddings.float().cpu().numpy(), "labels": [int(y) for y in labels]}
+    def embed_rows(rows: Any, cache_file: Path | None, fingerprint: str, load: bool) -> Any:
+        batches: Iterator[torch.Tensor] | None = None  # started by the first batch map() computes: none on a hit
+        done = 0
 
-    was_training = model.training
-    model.eval()
-    try:
-        result = raw.map(
+        def embed(labels: list[int], indices: list[int]) -> dict[str, Any]:
+            # map() hands over the batches in order, of the DataLoader's size: its pixels are those rows'
+            nonlocal batches, done
+            if batches is None:
+                loader = patch_pixel_loader(rows, spec, batch_size, num_workers, pin_memory=device.type == "cuda")
+                batches = iter(loader)
+            if not indices or indices[0] != done:
+                raise RuntimeError(f"embedding batches out of order: rows {indices[:1]}... after {done} rows")
+            pixels = next(batches).to(device, non_blocking=True)
+            done += len(indices)
+            embeddings = torch.stack([model.embed(v) for v in tta_views(pixels, views)], dim=1)
+            return {"embeddings": embeddings.float().cpu().numpy(), "labels": [int(y) for y in labels]}
+
+        return rows.map(
             embed,
             batched=True,
             batch_size=batch_size,
             input_columns=["label"],  # the image column is read by the DataLoader, not decoded here
             with_indices=True,
-            remove_columns=[c for c in raw.column_names if c not in keep],
+            remove_columns=[c for c in rows.column_names if c not in keep],
             features=features,
-            keep_in_memory=path is None,
-            cache_file_name=str(path) if path is not None else None,
-            load_from_cache_file=True,  # the key names everything the embeddings depend on
-            new_fingerprint=key,  # the function's own hash would serialise the whole model
+            keep_in_memory=cache_file is None,
+            cache_file_name=str(cache_file) if cache_file is not None else None,
+            load_from_cache_file=load,  # the key names everything the embeddings depend on
+            new_fingerprint=fingerprint,  # the function's own hash would serialise the whole model
             desc="embedding patches",
         )
+
+    was_training = model.training
+    model.eval()
+    try:
+        if _world_size() > 1:
+            seen = _gather((key, str(path) if path is not None else None, path is not None and path.is_file()))
+            if len({(k, p) for k, p, _ in seen}) > 1:
+                ranks = "; ".join(f"rank {r}: key {k}, file {p}" for r, (k, p, _) in enumerate(seen))
+                raise ValueError(f"the processes disagree on the embedding cache (same data and backbone?): {ranks}")
+            if path is not None and not all(hit for *_, hit in seen):
+                _embed_in_shards(raw, path, key, embed_rows)
+        result = embed_rows(raw, path, key, load=True)
     finally:
         model.train(was_training)
     return _as_torch(result)
+
+
+def _world_size() -> int:
+    """Processes of the running `torch.distributed` group (1 without one)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _gather(value: Any) -> list[Any]:
+    """`value` of every process, in rank order: a collective every process must enter."""
+    values: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
+def _check_all(error: Exception | None, what: str) -> None:
+    """Gather each process's error: raise on every process when one failed, so none waits forever."""
+    reports = _gather(None if error is None else f"{type(error).__name__}: {error}")
+    failed = [f"rank {r}: {e}" for r, e in enumerate(reports) if e is not None]
+    if failed:
+        raise RuntimeError(
+            f"{what} failed on {len(failed)} of {len(reports)} processes: " + "; ".join(failed)
+        ) from error
+
+
+def _embed_in_shards(raw: Any, path: Path, key: str, embed_rows: Callable[..., Any]) -> None:
+    """Every process embeds its contiguous shard into its own file; the main process joins them in order at `path`."""
+    import datasets
+
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    shards = [path.with_name(f"embeddings-{key}-shard{r:05d}-of-{world:05d}.arrow") for r in range(world)]
+    shard = raw.shard(world, rank, contiguous=True)
+    error = None
+    try:  # a stale shard of a crashed run is overwritten (load=False); datasets writes it via a temporary file
+        if len(shard):
+            embed_rows(shard, shards[rank], f"{key}-{rank}-of-{world}", load=False)
+    except Exception as exc:
+        error = exc
+    _check_all(error, "embedding the shards")
+    shards = shards[: min(world, len(raw))]  # contiguous shards: only the last ones can be empty
+    error = None
+    if rank == 0:
+        temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        try:
+            missing = [str(f) for f in shards if not f.is_file()]
+            if missing:
+                raise FileNotFoundError(f"{missing}: every process must write to the same (shared) cache folder")
+            joined = datasets.concatenate_datasets([datasets.Dataset.from_file(str(f)) for f in shards])
+            joined.map(batched=True, cache_file_name=str(temporary), load_from_cache_file=False, new_fingerprint=key)
+            os.replace(temporary, path)  # atomic: the cache path never holds a partial file
+            for stale in path.parent.glob(f"embeddings-{key}-shard*-of-*.arrow"):
+                stale.unlink(missing_ok=True)
+        except Exception as exc:
+            error = exc
+        finally:
+            temporary.unlink(missing_ok=True)
+    _check_all(error, "joining the embedding shards")
 
 
 def _as_torch(dataset):
@@ -273,7 +349,8 @@ def prepare_cached_head(
 ) -> tuple[HeadOnlyModel, Any, Any]:
     """Embed the train and eval splits once and wrap the model for head-only training.
 
-    ``batch_size``, ``cache_dir`` and ``num_workers`` are those of `compute_embeddings`.
+    ``batch_size``, ``cache_dir`` and ``num_workers`` are those of `compute_embeddings`; under several processes
+    every process must call it (each embeds its shard of the patches).
 
     Returns:
         `(head_model, train_embeddings, eval_embeddings)`, ready for `HistoTrainer` with
