@@ -19,12 +19,13 @@ if TYPE_CHECKING:
     from .data.patching import PatchBox, PatchingConfig, component_boxes, grid_boxes, topk_boxes
     from .data.sources import Sample, SampleSet, read_samples
     from .hub import HubUnavailableError, push_folder_to_hub, save_for_hub
+    from .inference.calibration import fit_temperature
     from .inference.engine import ImagePrediction, InferenceEngine
     from .inference.loading import load_engine, load_pipeline
     from .inference.pipeline import HistoImageClassificationPipeline
     from .inference.results import ImageLevelResult
     from .models import HistoClassifierConfig, HistoClassifierForImageClassification, apply_lora, merge_lora
-    from .models.aggregation import aggregate, aggregate_by_image
+    from .models.aggregation import aggregate, aggregate_by_image, apply_temperature
 
 __all__ = [
     "DataError",
@@ -42,8 +43,10 @@ __all__ = [
     "aggregate",
     "aggregate_by_image",
     "apply_lora",
+    "apply_temperature",
     "build_patch_dataset",
     "component_boxes",
+    "fit_temperature",
     "grid_boxes",
     "load_engine",
     "load_patch_dataset",
@@ -85,6 +88,8 @@ _LAZY = {
     "merge_lora": "models",
     "aggregate": "models.aggregation",
     "aggregate_by_image": "models.aggregation",
+    "apply_temperature": "models.aggregation",
+    "fit_temperature": "inference.calibration",
 }
 # Modules whose names are used with models or pipelines (they import torch anyway): reading one registers first.
 _REGISTERING = frozenset(

@@ -233,9 +233,11 @@ def describe(app: AppModel, result: dict | None) -> tuple[Image.Image | None, Im
     patched, prediction = result["patched"], result["prediction"]
     target = int(np.argmax(prediction.probs))
     label = prediction.labels[target]
-    values = prediction.patch_probs[:, target]
+    values, legend = prediction.patch_probs[:, target], f"P({label}) per patch"
+    if prediction.attention is not None:  # attention MIL: the weights the label came from, scaled to their maximum
+        values, legend = prediction.attention / prediction.attention.max(), "attention per patch / its maximum"
     top = int(np.argmax(values))
-    patch_map = draw_patch_map(patched.image, patched.mask, patched.boxes, values, top, f"P({label}) per patch")
+    patch_map = draw_patch_map(patched.image, patched.mask, patched.boxes, values, top, legend)
     (crop,) = app.engine.crops(patched, [top])
     start = time.perf_counter()
     heat, method = None, NO_EXPLANATION
@@ -250,8 +252,8 @@ def describe(app: AppModel, result: dict | None) -> tuple[Image.Image | None, Im
         f"**{html.escape(label)}** ({prediction.probs[target]:.3f}) from {len(patched.boxes)} patches "
         f"(region: {prediction.mask_source}), `{prediction.aggregation}` aggregation, TTA `{prediction.tta}`."
         f"{fallback}\n\nTime: **{result['seconds']:.2f} s** for the label, {explain_seconds:.2f} s for the "
-        f"explanation.\n\nPatch map: each patch coloured by P({html.escape(label)}), blue 0 to red 1; green: the "
-        f"region outline; black box: the most confident patch (P={values[top]:.3f}), explained on the right: "
+        f"explanation.\n\nPatch map: each patch coloured by {html.escape(legend)}, blue 0 to red 1; green: the "
+        f"region outline; black box: the top patch ({values[top]:.3f}), explained on the right: "
         f"{method}."
     )
     return patch_map, draw_explanation(crop, heat), summary
@@ -337,7 +339,8 @@ def build_app(app: AppModel) -> gr.Blocks:
         )
         with gr.Row():
             tta = gr.Radio(list(module.TTA_MODES), value=engine.tta, label="Test-time augmentation (TTA)")
-            aggregation = gr.Radio(list(module.AGGREGATIONS), value=engine.aggregation, label="Aggregation")
+            votes = [a for a in module.AGGREGATIONS if a != "attention" or getattr(engine, "embeds", False)]
+            aggregation = gr.Radio(votes, value=engine.aggregation, label="Aggregation")
         with gr.Tab("One image"):
             with gr.Row():
                 image = image_upload(label="Image", sources=["upload", "clipboard"], elem_id="image", height=300)

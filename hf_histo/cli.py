@@ -11,7 +11,17 @@ from typing import Any
 
 # The parser is built from torch-free modules only (`hf-histo --help` answers at once); each `cmd_*` in cli_commands imports
 # the library function it calls.
-from . import cli_commands as commands
+from .cli_commands import (
+    cmd_app,
+    cmd_build,
+    cmd_clean,
+    cmd_demo,
+    cmd_evaluate,
+    cmd_explain,
+    cmd_inspect,
+    cmd_predict,
+    cmd_recipes,
+)
 from .cli_parser import CommandParser, str_to_bool
 from .data.images import DataError
 from .data.patching import EMPTY_FALLBACKS, STRATEGIES, PatchingConfig
@@ -81,7 +91,8 @@ def _add_patching_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()
 
 
 def _add_inference_options(p: argparse.ArgumentParser, choices: bool = True) -> None:
-    """--masks, --batch_size and (predict, evaluate) --aggregation/--tta: the options of the commands over a model."""
+    """--masks, --batch_size, --no_calibration and (predict, evaluate) --num_workers/--aggregation/--tta: the options
+    of the commands over a model."""
     p.add_argument(
         "--masks",
         metavar="DIR",
@@ -96,6 +107,13 @@ def _add_inference_options(p: argparse.ArgumentParser, choices: bool = True) -> 
         metavar="N",
         default=DEFAULT_BATCH_SIZE,
         help=f"patches per forward pass (default: {DEFAULT_BATCH_SIZE})",
+    )
+    p.add_argument(
+        "--no_calibration",
+        action="store_true",
+        help="report the raw aggregated image probabilities, without the temperature the model fitted on its "
+        "validation images (default: off: the model's temperature is applied, as in its reported figures; labels "
+        "are the same either way)",
     )
     if choices:
         p.add_argument(
@@ -155,7 +173,7 @@ def build_parser() -> CommandParser:
     )
     _add_patching_options(p, skip=("strategy", "paint_background"))  # inspection draws boxes, it crops nothing
     _add_data_options(p, "it is left out and listed in the report")
-    p.set_defaults(func=commands.cmd_inspect)
+    p.set_defaults(func=cmd_inspect)
 
     p = _add_command(
         sub,
@@ -200,7 +218,7 @@ def build_parser() -> CommandParser:
         help="file of image ids to leave out, one per line (e.g. clean_out/exclusions.txt) (default: none)",
     )
     _add_data_options(p, "it is left out of the dataset and listed in the report")
-    p.set_defaults(func=commands.cmd_build)
+    p.set_defaults(func=cmd_build)
 
     p = _add_command(sub, "clean", "find duplicates, non-tissue images and colour artifacts; nothing is deleted")
     p.add_data_argument("data folder (any layout)")
@@ -213,7 +231,7 @@ def build_parser() -> CommandParser:
         help="manual exclusion file: one image id per line, '#' comments (default: none)",
     )
     _add_data_options(p, "it is left out")
-    p.set_defaults(func=commands.cmd_clean)
+    p.set_defaults(func=cmd_clean)
 
     p = _add_command(sub, "evaluate", "image- and patch-level metrics of a trained model on labelled data")
     p.add_data_argument("labelled data: a data folder (any layout) or clean_manifest.csv")
@@ -227,7 +245,7 @@ def build_parser() -> CommandParser:
         help="resamples of the macro-F1 95%% interval, as the recipes' --n_bootstrap (default: 1000)",
     )
     _add_data_options(p, "it is left out of the metrics, listed on stderr and in the JSON's failed list")
-    p.set_defaults(func=commands.cmd_evaluate)
+    p.set_defaults(func=cmd_evaluate)
 
     p = _add_command(sub, "predict", "one label per image into a submission CSV (sample_index,label)")
     p.add_data_argument(
@@ -250,7 +268,7 @@ def build_parser() -> CommandParser:
         "a bad image keeps its row, with an empty label and the reason in an error column; listed on stderr",
         on_error="skip",
     )
-    p.set_defaults(func=commands.cmd_predict)
+    p.set_defaults(func=cmd_predict)
 
     p = _add_command(sub, "explain", "per-image PNGs: patch probabilities and attention/Grad-CAM")
     p.add_data_argument("images: a data folder (any layout), a plain folder of images, or one image file")
@@ -259,7 +277,7 @@ def build_parser() -> CommandParser:
     p.add_argument("--max_images", type=int, default=None, help="explain the first N images (default: all)")
     _add_inference_options(p, choices=False)
     _add_data_options(p, "a bad image gets no PNG and is listed on stderr", on_error="skip")
-    p.set_defaults(func=commands.cmd_explain)
+    p.set_defaults(func=cmd_explain)
 
     p = _add_command(sub, "demo", "the whole product on generated (synthetic) data, offline, in minutes")
     p.add_argument(
@@ -268,7 +286,7 @@ def build_parser() -> CommandParser:
     p.add_argument(
         "--quick", action="store_true", help="smaller data and fewer steps, for tests (default: the full demo)"
     )
-    p.set_defaults(func=commands.cmd_demo)
+    p.set_defaults(func=cmd_demo)
 
     p = _add_command(sub, "app", "serve a trained model in the browser (Gradio): label, patch map, explanation, CSV")
     p.add_argument("--model", required=True, help=MODEL_HELP)
@@ -285,10 +303,10 @@ def build_parser() -> CommandParser:
         default=None,
         help="pixel limit of PIL's decompression-bomb check; raise it for trusted large images (default: PIL's)",
     )
-    p.set_defaults(func=commands.cmd_app)
+    p.set_defaults(func=cmd_app)
 
     p = _add_command(sub, "recipes", "list the training recipes: the seed system each reproduces, how to launch it")
-    p.set_defaults(func=commands.cmd_recipes)
+    p.set_defaults(func=cmd_recipes)
 
     for command in parser.commands.values():
         command.set_usage()

@@ -93,6 +93,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         tta=args.tta,
         num_workers=args.num_workers,
         n_bootstrap=args.n_bootstrap,
+        calibrate=not args.no_calibration,
         **_data_options(args),
     )
     print(result.table())
@@ -115,6 +116,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         aggregation=args.aggregation,
         tta=args.tta,
         num_workers=args.num_workers,
+        calibrate=not args.no_calibration,
         **_data_options(args),
     )
     print(f"wrote {path}")
@@ -132,6 +134,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         masks=args.masks,
         max_images=args.max_images,
         batch_size=args.batch_size,
+        calibrate=not args.no_calibration,
         **_data_options(args),
     )
     print(f"wrote {len(paths)} explanation images to {args.out}")

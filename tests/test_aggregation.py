@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from hf_histo.models import aggregation
-from hf_histo.models.aggregation import AGGREGATIONS, TIE_EPSILON, aggregate, aggregate_by_image
+from hf_histo.models.aggregation import AGGREGATIONS, TIE_EPSILON, VOTES, aggregate, aggregate_by_image
 
 PROBS = np.array(
     [
@@ -19,7 +19,15 @@ PROBS = np.array(
 
 
 def test_aggregations_tuple():
-    assert AGGREGATIONS == ("soft", "hard", "mask_weighted")
+    assert AGGREGATIONS == ("soft", "hard", "mask_weighted", "attention")
+    assert VOTES == ("soft", "hard", "mask_weighted")
+
+
+def test_attention_needs_the_model():
+    with pytest.raises(ValueError, match="MIL head.*InferenceEngine"):
+        aggregate(PROBS, "attention")
+    with pytest.raises(ValueError, match="MIL head.*InferenceEngine"):
+        aggregate_by_image(["a", "a", "b"], PROBS, "attention")
 
 
 def test_soft_is_mean():
@@ -72,7 +80,7 @@ def test_mask_weighted_all_zero_falls_back_to_soft():
     np.testing.assert_allclose(aggregate(PROBS, "mask_weighted", [0, 0, 0]), aggregate(PROBS, "soft"))
 
 
-@pytest.mark.parametrize("method", AGGREGATIONS)
+@pytest.mark.parametrize("method", VOTES)
 def test_single_patch_returns_its_probabilities_or_one_hot(method):
     probs = np.array([[0.2, 0.7, 0.1]])
     out = aggregate(probs, method, weights=[5.0])
@@ -107,7 +115,7 @@ def test_aggregate_by_image_first_appearance_order_and_non_contiguous():
     np.testing.assert_allclose(out, [[0.8, 0.2], [0.3, 0.7], [0.5, 0.5]])
 
 
-@pytest.mark.parametrize("method", AGGREGATIONS)
+@pytest.mark.parametrize("method", VOTES)
 def test_aggregate_by_image_matches_per_image_aggregate(method):
     rng = np.random.default_rng(0)
     probs = rng.dirichlet(np.ones(4), size=60)

@@ -75,6 +75,7 @@ def test_option_names_are_the_recipes_and_build_has_their_defaults():
     recipe = {o: a for a in make_parser()._actions for o in a.option_strings}
     own = {"--data", "--model", "--out", "--masks", "--split", "--probs", "--batch_size", "--max_images"}
     own |= {"--num_proc", "--num_workers", "--quick", "--verbose", "-v", "--help", "-h", "--host", "--port"}
+    own |= {"--no_calibration"}
     parser = build_parser()
     for name, command in parser.commands.items():
         for action in command._actions:

@@ -60,6 +60,9 @@ def test_classification_metrics_hand_computed():
         "auroc",
         "kappa",
         "confusion_matrix",
+        "ece",
+        "brier",
+        "nll",
         "n",
     }
     assert m["n"] == 6

@@ -138,6 +138,22 @@ def _setting(training_args: Any, key: str) -> Any:
     return training_args.get(key) if isinstance(training_args, Mapping) else getattr(training_args, key, None)
 
 
+def _calibration_vars(result: ImageLevelResult | None) -> dict[str, Any]:
+    """Template variables of the calibration table: ECE, Brier and NLL before and after temperature scaling."""
+    record = (result.calibration if result is not None else None) or {}
+    before, after = record.get("before") or {}, record.get("after") or {}
+    rows = [
+        (key, f"{before[key]:.3f}", f"{after[key]:.3f}")
+        for key in ("ece", "brier", "nll")
+        if _finite(before.get(key)) and _finite(after.get(key))
+    ]
+    return {
+        "calibration_rows": rows,
+        "calibration_fitted_on": str(record.get("fitted_on", "")).replace("_", "-"),
+        "calibration_n": record.get("n_images"),
+    }
+
+
 def _result_vars(result: ImageLevelResult | None, split: str, training_args: Any | None) -> dict[str, Any]:
     """Template variables of the results section: figures, CI, per-class F1, TTA and aggregation."""
     if result is None or not any(_finite(result.metrics.get(key)) for key in _HUB_METRICS):
@@ -165,6 +181,7 @@ def _result_vars(result: ImageLevelResult | None, split: str, training_args: Any
         "tta": result.tta,
         "per_class_f1": ", ".join(f"{k}: {v:.3f}" if _finite(v) else f"{k}: n/a" for k, v in per_class.items()),
         "patch_results": ", ".join(f"{k} {patch[k]:.3f}" for k in ("macro_f1", "accuracy") if _finite(patch.get(k))),
+        **_calibration_vars(result),
     }
 
 
@@ -221,6 +238,7 @@ def build_model_card(
         license=license,
     )
     patching = dict(getattr(config, "patching", None) or {})
+    temperature = getattr(config, "calibration_temperature", None)
     return ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE_PATH),
@@ -232,6 +250,7 @@ def build_model_card(
         head=config.head,
         freeze=config.freeze,
         aggregation=getattr(config, "aggregation", "soft"),
+        temperature=f"{temperature:.4g}" if _finite(temperature) else None,
         dataset_name=dataset_name,
         dataset_ids=datasets or [],
         data_facts=[

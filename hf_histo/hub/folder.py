@@ -173,7 +173,7 @@ def save_run(
 
     Called by every recipe after `finalize_run(..., save_model=False)`: the final model (unwrapped, LoRA merged)
     is written as by `save_for_hub`, with the run's result, hyperparameters, data facts and plots
-    (`confusion_matrix.png`, `training_curves.png`), on the main process only, next to the files `finalize_run`
+    (`confusion_matrix.png`, `reliability_diagram.png` when a temperature was fitted, `training_curves.png`), on the main process only, next to the files `finalize_run`
     staged; then all of them are published at once. With `--push_to_hub` the folder is then uploaded once by
     `push_folder_to_hub` (rank 0) to `--hub_model_id`; Trainer's own checkpoint pushing stays off
     (`HistoTrainingArguments` moves the flag to `push_final_to_hub`).
@@ -210,7 +210,11 @@ def save_run(
                 result,
                 args,
                 data_info if data_info is not None else run_data_info(trainer.train_dataset, run),
-                [p for p in (staging / "confusion_matrix.png", staging / "training_curves.png") if p.is_file()],
+                [
+                    staging / name
+                    for name in ("confusion_matrix.png", "reliability_diagram.png", "training_curves.png")
+                    if (staging / name).is_file()
+                ],
                 repo_id,
                 license,
             )

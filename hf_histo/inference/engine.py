@@ -20,8 +20,12 @@ from PIL import Image
 from ..data.images import DataError, load_rgb
 from ..data.masks import resolve_mask
 from ..data.patching import PatchBox, PatchingConfig, crop_array, crop_patch
-from ..models.aggregation import AGGREGATIONS, TTA_MODES, aggregate
+from ..models.aggregation import AGGREGATIONS, aggregate, apply_temperature
+from ..models.aggregation import TTA_MODES as TTA_MODES  # re-exported: the app lists the engine's names
 from .feed import PixelTransform, read_ahead, stack_patches
+from .forward import attention_vote, check_attention, check_tta, has_mil_head, patch_probabilities_and_embeddings
+from .forward import patch_probabilities as patch_probabilities  # re-exported, with the views training embeds
+from .forward import tta_views as tta_views
 
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_NUM_WORKERS = 2  # read-ahead threads of the folder-level entry points (predict, evaluate)
@@ -35,13 +39,6 @@ ITEM_ERRORS = (ValueError, TypeError)
 # load_rgb and load_mask change PIL's global pixel limit and the warnings filters while they decode, which is not
 # thread-safe: read-ahead threads take turns to decode and patch; cropping and resizing run in parallel.
 _DECODE_LOCK = threading.Lock()
-
-
-def check_tta(mode: str) -> str:
-    """Return ``mode`` if it is a TTA name (``none``, ``flips``, ``d4``); raise a clear error otherwise."""
-    if mode not in TTA_MODES:
-        raise ValueError(f"unknown TTA {mode!r}; choose one of {list(TTA_MODES)}")
-    return mode
 
 
 def check_aggregation(method: str) -> str:
@@ -70,34 +67,6 @@ def item_error(error: Exception, name: str | None) -> DataError:
     return wrapped
 
 
-def tta_views(pixel_values: torch.Tensor, mode: str = "none") -> list[torch.Tensor]:
-    """Test-time augmentation views of a ``[B, C, H, W]`` batch, the identity first.
-
-    ``"none"``: the batch itself; ``"flips"``: identity, horizontal and vertical flips; ``"d4"``: the 8 flips and
-    quarter turns (square inputs only: every backbone input here is square).
-    """
-    check_tta(mode)
-    if mode == "none":
-        return [pixel_values]
-    if mode == "flips":
-        return [pixel_values, pixel_values.flip(-1), pixel_values.flip(-2)]
-    turns = [torch.rot90(pixel_values, k, dims=(-2, -1)) for k in range(4)]
-    return turns + [t.flip(-1) for t in turns]
-
-
-def patch_probabilities(model: torch.nn.Module, pixel_values: torch.Tensor, tta: str = "none") -> torch.Tensor:
-    """Class probabilities ``[B, C]`` (float32) of processed patches: softmax averaged over the TTA views.
-
-    All views go through the model in one forward pass. The caller puts the model in eval mode.
-    """
-    views = tta_views(pixel_values, tta)
-    with torch.no_grad():
-        outputs = model(pixel_values=torch.cat(views) if len(views) > 1 else views[0])
-    logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-    probs = logits.float().softmax(dim=-1)
-    return probs.view(len(views), pixel_values.shape[0], -1).mean(dim=0)
-
-
 @dataclass
 class PatchedImage:
     """An image after the decode and patch stages: what the forward stage crops from."""
@@ -108,6 +77,7 @@ class PatchedImage:
     mask_source: str
     fallback: str | None
     patches: torch.Tensor | None = None  # InferenceEngine.cut, once cut (None until then)
+    embeddings: np.ndarray | None = None  # [N, D] patch embeddings of a model with a MIL head, once forwarded
 
 
 @dataclass
@@ -125,6 +95,8 @@ class ImagePrediction:
         aggregation: How the patches were aggregated.
         tta: The TTA views averaged per patch.
         image_id: The caller's name for the image, if any.
+        attention: With ``aggregation="attention"``, the MIL head's weight of each patch ``[N]`` (sums to 1).
+        temperature: The temperature that scaled ``probs`` (``config.calibration_temperature``); None: not scaled.
     """
 
     labels: list[str]
@@ -136,7 +108,9 @@ class ImagePrediction:
     aggregation: str
     tta: str
     image_id: str | None = None
+    attention: np.ndarray | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    temperature: float | None = None
 
     @property
     def label(self) -> str:
@@ -173,12 +147,14 @@ class InferenceEngine:
             ``aggregation`` and ``tta`` (as hf-histo checkpoints do).
         image_processor: The image processor saved with the model (resize + normalise).
         patching: Patching override (default: ``model.config.patching``).
-        aggregation: ``"soft"``, ``"hard"`` or ``"mask_weighted"`` (default: ``model.config.aggregation``).
+        aggregation: ``"soft"``, ``"hard"``, ``"mask_weighted"`` or ``"attention"`` (the model's MIL head over
+            the patch embeddings) (default: ``model.config.aggregation``).
         tta: ``"none"``, ``"flips"`` or ``"d4"`` (default: ``model.config.tta``, the TTA of the reported figures).
         batch_size: Patches per forward pass (patches of consecutive images share batches).
         max_image_pixels: Raise PIL's decompression-bomb limit for trusted large images.
         num_workers: Threads of ``predict_many`` that decode, patch and cut the next images while the model runs
             (0: one image at a time in the calling thread, nothing read ahead).
+        calibrate: Scale image probabilities by ``config.calibration_temperature``, as the reported figures; False: raw ones.
     """
 
     def __init__(
@@ -192,6 +168,7 @@ class InferenceEngine:
         batch_size: int = DEFAULT_BATCH_SIZE,
         max_image_pixels: int | None = None,
         num_workers: int = 0,
+        calibrate: bool = True,
     ):
         config = model.config
         if patching is None:
@@ -205,6 +182,8 @@ class InferenceEngine:
         self.image_processor = image_processor
         self.patching = patching if isinstance(patching, PatchingConfig) else PatchingConfig.from_dict(patching)
         self.aggregation = check_aggregation(aggregation or getattr(config, "aggregation", None) or "soft")
+        check_attention(model, self.aggregation)
+        self.embeds = has_mil_head(model)  # the forward stage also returns the patch embeddings (for "attention")
         self.tta = check_tta(tta or getattr(config, "tta", None) or "none")
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -213,6 +192,7 @@ class InferenceEngine:
         self.num_workers = check_num_workers(num_workers)
         self.transform = PixelTransform.of(image_processor)
         self.labels = [str(config.id2label[i]) for i in range(len(config.id2label))]
+        self.calibrate, self.temperature = bool(calibrate), getattr(config, "calibration_temperature", None)
 
     @property
     def device(self) -> torch.device:
@@ -283,6 +263,15 @@ class InferenceEngine:
         """Patch probabilities ``[B, C]`` (float64) of a processed batch, averaged over the TTA views."""
         return patch_probabilities(self.model, pixel_values, tta or self.tta).cpu().numpy().astype(np.float64)
 
+    def forward_patches(
+        self, pixel_values: torch.Tensor, tta: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """`forward`'s probabilities and, for a model with a MIL head, the patch embeddings ``[B, D]`` (TTA mean)."""
+        if not self.embeds:
+            return self.forward(pixel_values, tta), None
+        probs, embeddings = patch_probabilities_and_embeddings(self.model, pixel_values, tta or self.tta)
+        return probs.cpu().numpy().astype(np.float64), embeddings.cpu().numpy()
+
     def load(
         self,
         image: Any,
@@ -304,12 +293,15 @@ class InferenceEngine:
         return aggregate(patch_probs, method, weights=weights)
 
     def patch_probs(self, patched: PatchedImage, tta: str | None = None, batch_size: int | None = None) -> np.ndarray:
-        """Probabilities ``[N, C]`` of every patch of one patched image, in forward batches of ``batch_size``."""
+        """Probabilities ``[N, C]`` of every patch of an image, in batches (a MIL head's embeddings: in ``patched``)."""
         batch = batch_size or self.batch_size
         patches = patched.patches if patched.patches is not None else self.cut(patched)
-        return np.concatenate(
-            [self.forward(self.to_model(patches[i : i + batch]), tta) for i in range(0, len(patches), batch)]
-        )
+        outputs = [
+            self.forward_patches(self.to_model(patches[i : i + batch]), tta) for i in range(0, len(patches), batch)
+        ]
+        if self.embeds:
+            patched.embeddings = np.concatenate([embeddings for _, embeddings in outputs])
+        return np.concatenate([probs for probs, _ in outputs])
 
     def prediction(
         self,
@@ -318,12 +310,14 @@ class InferenceEngine:
         image_id: str | None = None,
         aggregation: str | None = None,
         tta: str | None = None,
+        calibrate: bool | None = None,
     ) -> ImagePrediction:
-        """The `ImagePrediction` of a patched image from its patch probabilities (the aggregate stage)."""
-        aggregation = aggregation or self.aggregation
-        return ImagePrediction(
+        """The `ImagePrediction` of a patched image from its patch probabilities (attention: ``patched.embeddings``)."""
+        aggregation = check_attention(self.model, aggregation or self.aggregation)
+        vote = attention_vote(self.model, patched.embeddings) if aggregation == "attention" else None
+        prediction = ImagePrediction(
             labels=self.labels,
-            probs=self.aggregate(patch_probs, patched.boxes, aggregation),
+            probs=self.aggregate(patch_probs, patched.boxes, aggregation) if vote is None else vote[0],
             patch_probs=patch_probs,
             boxes=patched.boxes,
             mask_source=patched.mask_source,
@@ -331,7 +325,16 @@ class InferenceEngine:
             aggregation=aggregation,
             tta=tta or self.tta,
             image_id=image_id,
+            attention=None if vote is None else vote[1],
         )
+        return self.calibrated(prediction, calibrate)
+
+    def calibrated(self, prediction: ImagePrediction, calibrate: bool | None = None) -> ImagePrediction:
+        """Scale a prediction's image probabilities by the temperature (when calibrating) and record it in it."""
+        if (self.calibrate if calibrate is None else calibrate) and self.temperature is not None:
+            prediction.probs = apply_temperature(prediction.probs, self.temperature)
+            prediction.temperature = self.temperature
+        return prediction
 
     # ---- whole images ----------------------------------------------------------------------------------------------
     def predict(
@@ -372,19 +375,22 @@ class InferenceEngine:
                 with the others, as ``asyncio.gather(return_exceptions=True)`` does; otherwise raise it.
         """
         tta = check_tta(tta or self.tta)
-        aggregation = check_aggregation(aggregation or self.aggregation)
-        # Images in order: (patched image, id, patch rows filled in by the forwards) or the error of a bad item.
-        pending: list[tuple[PatchedImage, str | None, list[np.ndarray]] | DataError] = []
-        queue: list[tuple[list[np.ndarray], torch.Tensor]] = []  # patches waiting for a forward, with their rows
+        aggregation = check_attention(self.model, check_aggregation(aggregation or self.aggregation))
+        # Images in order: (image, id, patch and embedding (MIL head) rows filled by the forwards) or a bad item's error.
+        pending: list[tuple[PatchedImage, str | None, list[np.ndarray], list[np.ndarray]] | DataError] = []
+        queue: list[tuple[list[np.ndarray], list[np.ndarray], torch.Tensor]] = []  # patches waiting, with their rows
         queued = 0
 
         def flush() -> None:
             nonlocal queued
             if queue:
-                probs = self.forward(self.to_model(torch.cat([patches for _, patches in queue])), tta)
-                for rows, patches in queue:
+                probs, embeddings = self.forward_patches(self.to_model(torch.cat([p for *_, p in queue])), tta)
+                for rows, embedding_rows, patches in queue:
                     rows.extend(probs[: len(patches)])
                     probs = probs[len(patches) :]
+                    if embeddings is not None:
+                        embedding_rows.extend(embeddings[: len(patches)])
+                        embeddings = embeddings[len(patches) :]
                 queue.clear()
                 queued = 0
 
@@ -394,7 +400,9 @@ class InferenceEngine:
                 if isinstance(done, DataError):
                     yield done
                 else:
-                    patched, image_id, rows = done
+                    patched, image_id, rows, embedding_rows = done
+                    if embedding_rows:
+                        patched.embeddings = np.stack(embedding_rows)
                     yield self.prediction(patched, np.stack(rows), image_id, aggregation, tta)
 
         def load(item: tuple[Any, Any, str | None]) -> tuple[PatchedImage | DataError, str | None]:
@@ -422,11 +430,12 @@ class InferenceEngine:
             loaded[0] += 1
             loaded[1] += len(patched.boxes)
             rows: list[np.ndarray] = []
-            pending.append((patched, image_id, rows))
+            embedding_rows: list[np.ndarray] = []
+            pending.append((patched, image_id, rows, embedding_rows))
             patches, patched.patches = patched.patches, None  # the forwards hold them from here
             while len(patches):
                 take = min(self.batch_size - queued, len(patches))
-                queue.append((rows, patches[:take]))
+                queue.append((rows, embedding_rows, patches[:take]))
                 queued += take
                 patches = patches[take:]
                 if queued == self.batch_size:

@@ -109,6 +109,7 @@ def evaluate_model(
     max_image_pixels: int | None = None,
     masks: str | Path | None = None,
     num_workers: int = DEFAULT_NUM_WORKERS,
+    calibrate: bool = True,
 ) -> ImageLevelResult:
     """Score a model on every labelled image of a folder (``hf-histo evaluate``).
 
@@ -139,6 +140,8 @@ def evaluate_model(
             layout's own for its image (see ``read_samples``).
         num_workers: Threads that decode and patch the next images while the model runs (0: none); the metrics
             are the same for any value.
+        calibrate: Scale the image probabilities by the model's temperature (``config.calibration_temperature``, fitted on its
+            validation images), as its reported figures are; False: the raw aggregated probabilities.
 
     Raises:
         DataError: The folder has no labelled image, labels the model does not know, a bad image (with
@@ -156,6 +159,7 @@ def evaluate_model(
         aggregation=aggregation,
         tta=tta,
         max_image_pixels=max_image_pixels,
+        calibrate=calibrate,
     )
     engine.num_workers = num_workers
     sample_set = read_samples(data, layout=layout, on_error=on_error, masks=masks)

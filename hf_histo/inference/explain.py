@@ -43,8 +43,8 @@ def explain_image(
     """Write one explanation PNG for an image.
 
     Panels: the image with the mask outline (given mask, or detected tissue); every patch coloured by the
-    probability of the predicted class (overlapping tiles averaged; most confident patch outlined); that patch with its attention rollout
-    (ViT) or Grad-CAM (CNN) overlay.
+    probability of the predicted class, or by its attention weight with ``aggregation="attention"`` (overlapping
+    tiles averaged; the top patch outlined); that patch with its attention rollout (ViT) or Grad-CAM (CNN) overlay.
 
     Args:
         engine: The model's inference engine.
@@ -70,7 +70,10 @@ def explain_image(
     pil, mask_arr, boxes = patched.image, patched.mask, patched.boxes
     target = int(np.argmax(prediction.probs))
     target_probs = prediction.patch_probs[:, target]
-    top = int(np.argmax(target_probs))
+    # The patch map: each patch's probability of the predicted class, or with attention MIL its attention weight
+    # (what the image label was computed from); the top patch is the highest of those values.
+    values = target_probs if prediction.attention is None else prediction.attention
+    top = int(np.argmax(values))
     (crop,) = engine.crops(patched, [top])
     heat, method_used = patch_saliency(engine.model, engine.preprocess([crop]), target, method)
     predicted = prediction.scores(1)[0]
@@ -90,15 +93,15 @@ def explain_image(
             ax_image.contour(shown_mask.astype(np.float32), levels=[0.5], colors=["#00e000"], linewidths=1.2)
     ax_image.set_title(f"image + mask outline ({prediction.mask_source})", fontsize=10)
 
-    cmap, norm = colormaps[PATCH_CMAP], Normalize(0.0, 1.0)
+    cmap, norm = colormaps[PATCH_CMAP], Normalize(0.0, 1.0 if prediction.attention is None else float(values.max()))
     ax_patches.imshow(shown, alpha=0.45)
-    ax_patches.imshow(patch_map(boxes, target_probs, scale, shown.size), cmap=cmap, norm=norm, alpha=0.6)
+    ax_patches.imshow(patch_map(boxes, values, scale, shown.size), cmap=cmap, norm=norm, alpha=0.6)
     x, y, w, h, _ = boxes[top].tolist()
     ax_patches.add_patch(Rectangle((x * scale, y * scale), w * scale, h * scale, fill=False, edgecolor="black", lw=2))
     ax_patches.set_xlim(0, shown.width)
     ax_patches.set_ylim(shown.height, 0)
     figure.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax_patches, fraction=0.046, pad=0.03).set_label(
-        f"P({predicted['label']}) per patch"
+        f"P({predicted['label']}) per patch" if prediction.attention is None else "attention weight per patch"
     )
     ax_patches.set_title(
         f"{len(boxes)} patches, {prediction.aggregation} aggregation, TTA {prediction.tta}", fontsize=10
@@ -107,7 +110,8 @@ def explain_image(
     display = crop.resize((max(heat.shape[1], 224), max(heat.shape[0], 224)), Image.BILINEAR)
     ax_top.imshow(display)
     ax_top.imshow(heat, cmap="jet", alpha=0.45, extent=(0, display.width, display.height, 0), interpolation="bilinear")
-    ax_top.set_title(f"top patch P={target_probs[top]:.2f}: {method_used}", fontsize=10)
+    weight = "" if prediction.attention is None else f", attention {values[top]:.2f}"
+    ax_top.set_title(f"top patch P={target_probs[top]:.2f}{weight}: {method_used}", fontsize=10)
     for ax in (ax_image, ax_patches, ax_top):
         ax.set_xticks([])
         ax.set_yticks([])
@@ -139,6 +143,7 @@ def explain_folder(
     resize_masks: bool = False,
     max_image_pixels: int | None = None,
     masks: str | os.PathLike | None = None,
+    calibrate: bool = True,
 ) -> list[Path]:
     """Write one explanation PNG per image of a data folder (`hf-histo explain`); the output folder is checked first.
 
@@ -158,6 +163,8 @@ def explain_folder(
         max_image_pixels: Raise PIL's decompression-bomb limit for trusted large images.
         masks: A folder of masks named like the images (`masks/<image name>`), or one mask file when `data_dir` is one
             image file; a given mask overrides the layout's own for its image (see `read_samples`).
+        calibrate: Scale the image probabilities by the model's temperature (`config.calibration_temperature`, fitted on its
+            validation images), as its reported figures are; False: the raw aggregated probabilities.
 
     Returns:
         The PNG paths written, in sample order.
@@ -178,7 +185,9 @@ def explain_folder(
     samples = read_samples(data_dir, layout=layout, on_error=on_error, masks=masks).samples
     if max_images is not None:
         samples = samples[: max(0, int(max_images))]
-    engine = load_engine(model_dir, device=device, batch_size=batch_size, max_image_pixels=max_image_pixels)
+    engine = load_engine(
+        model_dir, device=device, batch_size=batch_size, max_image_pixels=max_image_pixels, calibrate=calibrate
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     paths, failed = [], []
     for sample in tqdm(samples, desc="explain", unit="image", disable=not progress):

@@ -106,6 +106,7 @@ def load_engine(
     aggregation: str | None = None,
     tta: str | None = None,
     max_image_pixels: int | None = None,
+    calibrate: bool = True,
 ) -> InferenceEngine:
     """The inference engine of a trained hf-histo model folder, Hub id, CV root (fold ensemble) or list of folders.
 
@@ -117,6 +118,9 @@ def load_engine(
         aggregation: Override of the model's aggregation.
         tta: Override of the model's TTA (``none``, ``flips``, ``d4``).
         max_image_pixels: Raise PIL's decompression-bomb limit for trusted large images.
+        calibrate: Apply the model's temperature (``config.calibration_temperature``) to the image probabilities; False: raw
+            ones. The folds of a CV root share one temperature (fitted on the out-of-fold images); folds with
+            different temperatures are an error.
 
     Raises:
         FileNotFoundError: A folder that holds no model, or a path-like value that does not exist (raised before
@@ -142,6 +146,13 @@ def load_engine(
                 raise FileNotFoundError(f"{fold}: no config.json; pass trained model folders.")
         first = os.fspath(folds[0])
         network = FoldEnsemble.from_pretrained(folds)
+        temperatures = {getattr(m.config, "calibration_temperature", None) for m in network.models}
+        if calibrate and len(temperatures) > 1:
+            raise ValueError(
+                f"the fold models have different temperatures {sorted(map(str, temperatures))}: one CV run's folds "
+                "share the one fitted on its out-of-fold images; pass calibrate=False (--no_calibration) to ensemble "
+                "them uncalibrated"
+            )
     processor = AutoImageProcessor.from_pretrained(first)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return InferenceEngine(
@@ -151,6 +162,7 @@ def load_engine(
         tta=tta,
         batch_size=batch_size,
         max_image_pixels=max_image_pixels,
+        calibrate=calibrate,
     )
 
 

@@ -14,10 +14,13 @@ from sklearn.metrics import (
     cohen_kappa_score,
     confusion_matrix,
     f1_score,
+    log_loss,
     roc_auc_score,
 )
 
 METRIC_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "kappa")
+CALIBRATION_KEYS = ("ece", "brier", "nll")  # also in classification_metrics' output, not in the training logs
+ECE_BINS = 15
 _LABEL_METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
     "accuracy": accuracy_score,
     "balanced_accuracy": balanced_accuracy_score,
@@ -66,7 +69,8 @@ def classification_metrics(y_true: Sequence[int] | np.ndarray, probs: np.ndarray
         ``per_class_f1`` (``{label: f1}`` for every label, 0.0 for a class neither present nor
         predicted), ``auroc`` (macro one-vs-rest ROC AUC over the classes present in ``y_true``;
         ``None`` when fewer than 2 are present), ``kappa`` (Cohen's; ``None`` when undefined),
-        ``confusion_matrix`` (list of lists, rows = true, columns = predicted, in ``labels`` order)
+        ``confusion_matrix`` (list of lists, rows = true, columns = predicted, in ``labels`` order),
+        ``ece``, ``brier`` and ``nll`` (see :func:`calibration_metrics`; they read ``probs`` as probabilities)
         and ``n``. With ``n == 0`` every score is ``None``.
     """
     y_true, probs = _check_labels_and_probs(y_true, probs, labels)
@@ -75,7 +79,7 @@ def classification_metrics(y_true: Sequence[int] | np.ndarray, probs: np.ndarray
     n = int(y_true.size)
     if n == 0:
         return {
-            **dict.fromkeys(METRIC_KEYS),
+            **dict.fromkeys((*METRIC_KEYS, *CALIBRATION_KEYS)),
             "per_class_f1": dict.fromkeys(labels),
             "confusion_matrix": [[0] * n_classes for _ in labels],
             "n": 0,
@@ -92,9 +96,44 @@ def classification_metrics(y_true: Sequence[int] | np.ndarray, probs: np.ndarray
             "auroc": _macro_ovr_auroc(y_true, probs),
             "kappa": _none_if_nan(cohen_kappa_score(y_true, y_pred, labels=class_ids)),
             "confusion_matrix": confusion_matrix(y_true, y_pred, labels=class_ids).tolist(),
+            **calibration_metrics(y_true, probs),
             "n": n,
         }
     return result
+
+
+def calibration_metrics(y_true: Sequence[int] | np.ndarray, probs: np.ndarray) -> dict[str, float | None]:
+    """How far predicted probabilities can be read as frequencies: ECE, Brier score and NLL.
+
+    Args:
+        y_true: True class index of each sample, ``[n]``.
+        probs: Predicted class probabilities, ``[n, C]`` (rows summing to 1).
+
+    Returns:
+        ``{"ece", "brier", "nll"}``: ``ece`` is the expected calibration error over ``ECE_BINS`` (15) equal-width
+        bins of the top-label confidence, ``(lo, hi]``: the mean over samples of ``|accuracy - mean confidence|``
+        of their bin (bins weighted by size); ``brier`` the multi-class Brier score, the mean over samples of
+        ``sum_c (p_c - onehot_c)^2`` (0 to 2); ``nll`` the mean negative log-likelihood of the true class
+        (scikit-learn's ``log_loss``, probabilities clipped away from 0). All ``None`` when ``n == 0``.
+    """
+    y_true = np.asarray(y_true, dtype=np.int64).reshape(-1)
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape[0] != y_true.size:
+        raise ValueError(f"probs must be [n, C] with n = len(y_true) = {y_true.size}, got shape {probs.shape}")
+    if y_true.size == 0:
+        return dict.fromkeys(CALIBRATION_KEYS)
+    n_classes = probs.shape[1]
+    accuracy, confidence, counts = reliability_bins(y_true, probs)
+    ece = np.nansum(counts * np.abs(accuracy - confidence)) / counts.sum()
+    onehot = np.eye(n_classes)[y_true]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # rows of a vote that are off 1 by rounding are renormalised
+        nll = log_loss(y_true, probs, labels=list(range(n_classes)))
+    return {
+        "ece": float(ece),
+        "brier": float(np.mean(np.sum((probs - onehot) ** 2, axis=1))),
+        "nll": float(nll),
+    }
 
 
 def _macro_ovr_auroc(y_true: np.ndarray, probs: np.ndarray) -> float | None:
@@ -161,3 +200,20 @@ def bootstrap_ci(
         )
     low, high = result.confidence_interval
     return float(low), float(high)
+
+
+def reliability_bins(
+    y_true: Sequence[int] | np.ndarray, probs: np.ndarray, n_bins: int = ECE_BINS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-bin accuracy, mean confidence and count of the top-label confidence, ``n_bins`` equal-width ``(lo, hi]``
+    bins (the bins of ``calibration_metrics``' ECE); empty bins have accuracy and confidence NaN."""
+    y_true = np.asarray(y_true, dtype=np.int64).reshape(-1)
+    probs = np.asarray(probs, dtype=np.float64)
+    confidence = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == y_true).astype(np.float64)
+    bins = np.searchsorted(np.linspace(0.0, 1.0, n_bins + 1)[1:-1], confidence, side="left")
+    counts = np.bincount(bins, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        accuracy = np.bincount(bins, correct, n_bins) / counts
+        mean_confidence = np.bincount(bins, confidence, n_bins) / counts
+    return accuracy, mean_confidence, counts

@@ -48,10 +48,13 @@ class HistoImageClassificationPipeline(Pipeline):
             value is the region), or a list of masks (one per image, `None` for none) when `inputs` is a list. No
             mask -> tissue detection.
         batch_size: Patches per forward pass (default: the pipeline's `batch_size`, else 32).
-        aggregation: `"soft"` (mean probability), `"hard"` (majority vote) or `"mask_weighted"` (mean weighted by
-            the foreground fraction of each patch); default: the one the model's reported figures used.
+        aggregation: `"soft"` (mean probability), `"hard"` (majority vote), `"mask_weighted"` (mean weighted by
+            the foreground fraction of each patch) or `"attention"` (the model's attention-MIL head over the patch
+            embeddings; models trained with it); default: the one the model's reported figures used.
         tta: `"none"`, `"flips"` (identity + horizontal + vertical) or `"d4"` (the 8 flips and quarter turns),
             averaged per patch; default: the one the model's reported figures used (`config.tta`).
+        calibrate: Scale the image probabilities by the model's fitted temperature (`config.calibration_temperature`), as its
+            reported figures are (default True; False: the raw aggregated probabilities; same labels either way).
         top_k: Number of labels returned (default 5, at most the number of classes).
         return_patches: Return a dict with per-patch details instead of the plain list (see below).
         resize_mask: Resize a mask of another size to the image (nearest neighbour) instead of raising.
@@ -63,8 +66,9 @@ class HistoImageClassificationPipeline(Pipeline):
         empty: tissue detection was used) or `"empty_mask_whole"` / `"whole"` (empty mask, or no tissue found:
         patches cover the whole image).
         With `return_patches=True`: a dict `{"predictions": that list, "patches": [{"box": [x, y, w, h],
-        "foreground": fraction, "probs": {label: p}}], "mask_source": "mask" | "tissue" | ...,
-        "aggregation": method, "tta": mode, "fallback": str | None}`.
+        "foreground": fraction, "probs": {label: p}, "attention": weight (attention aggregation only, summing to 1
+        over the image's patches)}], "mask_source": "mask" | "tissue" | ...,
+        "aggregation": method, "tta": mode, "fallback": str | None, "temperature": T | None}`.
         In a list result, `{"error": message}` stands for an image that could not be read or patched.
     """
 
@@ -113,6 +117,7 @@ class HistoImageClassificationPipeline(Pipeline):
         patch_batch_size: int | None = None,
         resize_mask: bool | None = None,
         timeout: float | None = None,
+        calibrate: bool | None = None,
     ) -> tuple[dict, dict, dict]:
         preprocess_params: dict[str, Any] = {}
         forward_params: dict[str, Any] = {}
@@ -133,6 +138,8 @@ class HistoImageClassificationPipeline(Pipeline):
             postprocess_params["top_k"] = int(top_k)
         if return_patches is not None:
             postprocess_params["return_patches"] = bool(return_patches)
+        if calibrate is not None:
+            postprocess_params["calibrate"] = bool(calibrate)
         return preprocess_params, forward_params, postprocess_params
 
     def preprocess(self, item: dict, resize_mask: bool = False, timeout: float | None = None) -> dict:
@@ -166,12 +173,17 @@ class HistoImageClassificationPipeline(Pipeline):
         aggregation: str | None = None,
         top_k: int = DEFAULT_TOP_K,
         return_patches: bool = False,
+        calibrate: bool | None = None,
     ) -> list[dict] | dict:
         """Aggregate the patch probabilities into the sorted image-level `[{"label", "score"}]`."""
         if "error" in model_outputs:
             return {"error": str(model_outputs["error"])}
         prediction = self.engine.prediction(
-            model_outputs["patched"], model_outputs["probs"], aggregation=aggregation, tta=model_outputs["tta"]
+            model_outputs["patched"],
+            model_outputs["probs"],
+            aggregation=aggregation,
+            tta=model_outputs["tta"],
+            calibrate=calibrate,
         )
         return format_prediction(prediction, top_k, return_patches)
 
@@ -192,6 +204,9 @@ def format_prediction(prediction: ImagePrediction, top_k: int = DEFAULT_TOP_K, r
         }
         for box, fraction, row in zip(prediction.boxes, prediction.foreground, prediction.patch_probs)
     ]
+    if prediction.attention is not None:
+        for entry, weight in zip(patches, prediction.attention):
+            entry["attention"] = float(weight)
     return {
         "predictions": scores,
         "patches": patches,
@@ -199,6 +214,7 @@ def format_prediction(prediction: ImagePrediction, top_k: int = DEFAULT_TOP_K, r
         "aggregation": prediction.aggregation,
         "tta": prediction.tta,
         "fallback": prediction.fallback,
+        "temperature": prediction.temperature,
     }
 
 

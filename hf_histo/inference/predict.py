@@ -107,6 +107,7 @@ def predict_folder(
     masks: str | os.PathLike | None = None,
     split: str | None = None,
     num_workers: int = DEFAULT_NUM_WORKERS,
+    calibrate: bool = True,
 ) -> Path:
     """Classify the images of a folder (or one image file) and write the challenge's submission CSV.
 
@@ -143,6 +144,8 @@ def predict_folder(
             `"train"`/`"test"` need a layout with splits (challenge, table, manifest).
         num_workers: Threads that decode and patch the next images while the model runs (0: none, one image at a
             time); the CSV is the same for any value.
+        calibrate: Scale the image probabilities by the model's temperature (`config.calibration_temperature`, fitted on its
+            validation images), as its reported figures are; False: the raw aggregated probabilities.
 
     Returns:
         `out_csv` as a `Path`.
@@ -165,6 +168,7 @@ def predict_folder(
         engine.tta = check_tta(tta) if tta else engine.tta
         engine.max_image_pixels = max_image_pixels if max_image_pixels is not None else engine.max_image_pixels
         engine.num_workers = num_workers
+        engine.calibrate = calibrate
     else:
         engine = load_engine(
             model_dir,
@@ -173,6 +177,7 @@ def predict_folder(
             aggregation=aggregation,
             tta=tta,
             max_image_pixels=max_image_pixels,
+            calibrate=calibrate,
         )
         engine.num_workers = num_workers
     labels = engine.labels

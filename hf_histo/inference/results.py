@@ -36,6 +36,10 @@ class ImageLevelResult:
         n_patches: Patches behind the predictions.
         trained_on: Ids of the images the model trained on (``evaluate_model`` checks its splits.json): their
             figures are optimistic.
+        temperature: The temperature that scaled ``probs`` (the model's ``config.calibration_temperature``); None: unscaled.
+        calibration: How the temperature was fitted, when the run fitted the temperature on these images
+            (``hf_histo.inference.calibration``): ``temperature``, ``fitted_on``, ``n_images``, ``before`` /
+            ``after`` (cross-fitted) / ``after_in_sample`` ``{ece, brier, nll}`` and ``uncalibrated_probs``.
     """
 
     labels: list[str]
@@ -50,6 +54,8 @@ class ImageLevelResult:
     patch_metrics: dict[str, Any] | None = None
     n_patches: int = 0
     trained_on: list[str] = field(default_factory=list)
+    temperature: float | None = None
+    calibration: dict[str, Any] | None = None
 
     @classmethod
     def from_predictions(
@@ -62,6 +68,7 @@ class ImageLevelResult:
         aggregation: str,
         tta: str,
         split: str = "validation",
+        temperature: float | None = None,
         patch_probs: np.ndarray | None = None,
         patch_labels: Sequence[int] | None = None,
         n_bootstrap: int = 1000,
@@ -78,6 +85,7 @@ class ImageLevelResult:
             aggregation: The aggregation that produced ``probs``.
             tta: The TTA that produced ``probs``.
             split: Name of the image set.
+            temperature: The temperature that scaled ``probs``, if any.
             patch_probs: Optional ``[n_patches, n_classes]`` for patch-level metrics, with ``patch_labels``.
             patch_labels: The label of each patch's image.
             n_bootstrap: Resamples of each interval.
@@ -108,6 +116,7 @@ class ImageLevelResult:
             aggregation=aggregation,
             tta=tta,
             split=split,
+            temperature=temperature,
             metrics=metrics,
             ci=ci,
             patch_metrics=patch_metrics,
@@ -137,6 +146,7 @@ class ImageLevelResult:
             aggregation=first.aggregation,
             tta=first.tta,
             split=split,
+            temperature=first.temperature,
             patch_probs=np.concatenate([p.patch_probs for p in predictions]),
             patch_labels=patch_labels,
             n_bootstrap=n_bootstrap,
@@ -154,19 +164,21 @@ class ImageLevelResult:
         return np.asarray(self.probs, dtype=np.float64).reshape(len(self.image_ids), len(self.labels))
 
     def table(self) -> str:
-        """A short text summary: images, image macro-F1 (95% CI), balanced accuracy, AUROC, patch macro-F1, and the
-        confusion matrix (true classes in rows, predicted in columns)."""
+        """A short text summary: images, image macro-F1 (95% CI), balanced accuracy, AUROC, ECE / Brier / NLL, patch
+        macro-F1, and the confusion matrix (true classes in rows, predicted in columns)."""
         m, patch = self.metrics, self.patch_metrics or {}
         scored = m.get("n", 0)
         unscored = f" ({self.n_images - scored} unlabelled, not scored)" if self.n_images > scored else ""
         ci = self.ci.get("macro_f1") or []
         interval = f"  (95% CI {ci[0]:.3f} to {ci[1]:.3f})" if len(ci) == 2 and _finite(ci) else ""
         lines = [
-            f"{self.split} ({self.aggregation} aggregation, TTA {self.tta})",
+            f"{self.split} ({self.aggregation} aggregation, TTA {self.tta}, "
+            + (f"temperature {self.temperature:.3g})" if self.temperature else "uncalibrated)"),
             f"{'images':<18} {scored}{unscored}",
             f"{'image macro-F1':<18} {_figure(m.get('macro_f1'))}{interval}",
             f"{'balanced accuracy':<18} {_figure(m.get('balanced_accuracy'))}",
             f"{'AUROC (macro)':<18} {_figure(m.get('auroc'))}",
+            f"{'ECE / Brier / NLL':<18} {_figure(m.get('ece'))} / {_figure(m.get('brier'))} / {_figure(m.get('nll'))}",
             f"{'patch macro-F1':<18} {_figure(patch.get('macro_f1'))}"
             + (f"  ({self.n_patches} patches)" if self.n_patches else ""),
         ]

@@ -1,4 +1,4 @@
-"""Patch-to-image aggregation of class probabilities: soft, hard (majority vote) and mask-weighted voting."""
+"""Patch-to-image aggregation of class probabilities (soft, hard and mask-weighted votes) and temperature scaling."""
 
 # This module ships with model checkpoints (flattened next to the modeling code): stdlib + numpy only.
 
@@ -8,7 +8,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-AGGREGATIONS = ("soft", "hard", "mask_weighted")
+# "attention": the gated-attention MIL head of the model over the patch embeddings (models/mil.py), computed by the
+# inference engine; the votes of this module cannot compute it from patch probabilities.
+AGGREGATIONS = ("soft", "hard", "mask_weighted", "attention")
+VOTES = ("soft", "hard", "mask_weighted")
 # Test-time augmentation: the views whose softmax is averaged per patch before the image vote (identity; + h/v
 # flips; the 8 flips and quarter turns). Here, not in the config module, so the CLI lists them without transformers.
 TTA_MODES = ("none", "flips", "d4")
@@ -40,7 +43,12 @@ def _check_weights(weights: np.ndarray | Sequence[float] | None, n: int) -> np.n
 
 
 def _check_method(method: str) -> None:
-    if method not in AGGREGATIONS:
+    if method == "attention":
+        raise ValueError(
+            'aggregation "attention" needs the model\'s MIL head over the patch embeddings, not patch probabilities: '
+            "predict with hf_histo.InferenceEngine (or the pipeline), or use soft, hard or mask_weighted here"
+        )
+    if method not in VOTES:
         raise ValueError(f"unknown aggregation {method!r}; choose one of {AGGREGATIONS}")
 
 
@@ -95,8 +103,8 @@ def aggregate(
         Float64 array ``[C]``.
 
     Raises:
-        ValueError: On an unknown method, a non-2-D or empty ``probs``, non-finite values, or
-            weights of the wrong shape or sign.
+        ValueError: On an unknown method or ``"attention"`` (the engine computes it), a non-2-D or empty
+            ``probs``, non-finite values, or weights of the wrong shape or sign.
     """
     _check_method(method)
     probs = _check_probs(probs)
@@ -122,7 +130,7 @@ def aggregate_by_image(
     Args:
         image_ids: Image id of each patch, ``n_patches`` long; patches of one image need not be contiguous.
         probs: Patch class probabilities, ``[n_patches, C]``.
-        method: One of :data:`AGGREGATIONS`, as in :func:`aggregate`.
+        method: One of :data:`VOTES`, as in :func:`aggregate` (``"attention"`` raises: it needs the model).
         weights: Per-patch weights for ``"mask_weighted"``.
 
     Returns:
@@ -156,3 +164,28 @@ def aggregate_by_image(
         has_weight = weight_sums > 0
         out = np.where(has_weight[:, None], weighted / np.where(has_weight, weight_sums, 1.0)[:, None], means)
     return list(index), out
+
+
+def apply_temperature(probs: np.ndarray, temperature: float | None) -> np.ndarray:
+    """Temperature-scale image probabilities: ``softmax(log(clip(p, 1e-12)) / T)`` row-wise.
+
+    The log-probabilities stand for the logits (for a softmax head they equal them up to a constant per row), so
+    the row's order, and hence its argmax, is kept; ``T > 1`` softens over-confident probabilities, ``T < 1``
+    sharpens them.
+
+    Args:
+        probs: Probabilities ``[C]`` or ``[n, C]`` (rows summing to 1).
+        temperature: ``T > 0``; None (or 1) returns the probabilities unchanged (as float64).
+
+    Returns:
+        Float64 array of the same shape, each row summing to 1.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    if temperature is None or temperature == 1.0:
+        return probs
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    scaled = np.log(np.clip(probs, 1e-12, None)) / float(temperature)
+    scaled -= scaled.max(axis=-1, keepdims=True)
+    exp = np.exp(scaled)
+    return exp / exp.sum(axis=-1, keepdims=True)

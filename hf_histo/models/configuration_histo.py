@@ -39,10 +39,18 @@ class HistoClassifierConfig(PretrainedConfig):
         trainable_blocks: Number of trainable blocks for `freeze="last_n"`.
         backbone_name: Hub id or table name the backbone weights came from.
         patching: Patching parameters used at training time (`PatchingConfig.to_dict()`), read by the pipeline.
-        aggregation: How patch predictions become one image prediction: `"soft"`, `"hard"` or `"mask_weighted"`.
+        aggregation: How patch predictions become one image prediction: `"soft"`, `"hard"`, `"mask_weighted"` or
+            `"attention"` (the gated-attention MIL head over the patch embeddings, see `mil_hidden`).
         tta: Test-time augmentation averaged per patch: `"none"`, `"flips"` or `"d4"`. Training records the one
             its reported figures used; every inference entry point uses it by default.
+        calibration_temperature: Temperature scaling of the image probabilities (`softmax(log(p) / T)`, argmax
+            unchanged), fitted by training on the validation (or out-of-fold) images; every inference entry point
+            applies it unless told not to (`calibrate=False`). None: no scaling. (Not `temperature`: transformers
+            refuses to save a model config with that generation parameter.)
         initializer_range: Std of the normal init of the head's Linear layers.
+        mil_hidden: Width of the gated-attention MIL head (`models/mil.py`); None: no MIL head, except with
+            `aggregation="attention"`, which gets one of width 128.
+        mil_dropout: Dropout after the MIL head's projection.
         **kwargs: `num_labels`, `id2label`, `label2id` and the other `PretrainedConfig` arguments.
     """
 
@@ -64,7 +72,10 @@ class HistoClassifierConfig(PretrainedConfig):
         patching: dict | None = None,
         aggregation: str = "soft",
         tta: str = "none",
+        calibration_temperature: float | None = None,
         initializer_range: float = 0.02,
+        mil_hidden: int | None = None,
+        mil_dropout: float = 0.25,
         **kwargs,
     ):
         if backbone_config is None:
@@ -87,6 +98,9 @@ class HistoClassifierConfig(PretrainedConfig):
         _choice("freeze", freeze, FREEZE_POLICIES)
         _choice("aggregation", aggregation, AGGREGATIONS)
         _choice("tta", tta, TTA_MODES)
+        temperature = calibration_temperature
+        if temperature is not None and not (isinstance(temperature, (int, float)) and temperature > 0):
+            raise ValueError(f"HistoClassifierConfig: calibration_temperature must be > 0, got {temperature!r}.")
         spec = get_backbone_spec(backbone_config)
         if pooling is None:
             pooling = spec.pooling
@@ -108,6 +122,12 @@ class HistoClassifierConfig(PretrainedConfig):
             )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"HistoClassifierConfig: dropout must be in [0, 1), got {dropout}.")
+        if mil_hidden is None and aggregation == "attention":
+            mil_hidden = 128
+        if mil_hidden is not None and (not isinstance(mil_hidden, int) or mil_hidden < 1):
+            raise ValueError(f"HistoClassifierConfig: mil_hidden must be an int >= 1 or None, got {mil_hidden!r}.")
+        if not 0.0 <= mil_dropout < 1.0:
+            raise ValueError(f"HistoClassifierConfig: mil_dropout must be in [0, 1), got {mil_dropout}.")
         if not isinstance(head_layers, int) or head_layers < 1:
             raise ValueError(f"HistoClassifierConfig: head_layers must be an int >= 1, got {head_layers!r}.")
         widths = head_hidden if isinstance(head_hidden, (list, tuple)) else [head_hidden]
@@ -133,7 +153,10 @@ class HistoClassifierConfig(PretrainedConfig):
         self.patching = patching
         self.aggregation = aggregation
         self.tta = tta
+        self.calibration_temperature = None if temperature is None else float(temperature)
         self.initializer_range = initializer_range
+        self.mil_hidden = mil_hidden
+        self.mil_dropout = mil_dropout
         super().__init__(**kwargs)
         if self.id2label is not None and not self.label2id:  # transformers 5 no longer derives it
             self.label2id = {label: index for index, label in self.id2label.items()}

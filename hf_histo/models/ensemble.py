@@ -14,7 +14,9 @@ class FoldEnsemble(nn.Module):
     """Average the softmax of several fold models (same labels and patching): one model to the outside.
 
     `forward(pixel_values)` returns `ImageClassifierOutput(logits=log(mean probabilities))`, so softmax of the
-    logits is the ensemble probability and argmax the ensemble class.
+    logits is the ensemble probability and argmax the ensemble class. When every fold has an attention-MIL head,
+    `embed` concatenates the folds' patch embeddings and `image_logits` runs each fold's head on its part: the
+    ensemble's image probability is the mean of the folds' (as for patches), its attention the folds' mean.
 
     Args:
         models: The fold classifiers.
@@ -56,6 +58,41 @@ class FoldEnsemble(nn.Module):
     def dtype(self) -> torch.dtype:
         """The dtype of the fold models' parameters (what inputs are cast to)."""
         return next(self.parameters()).dtype
+
+    @property
+    def has_mil_head(self) -> bool:
+        """Whether every fold model has an attention-MIL head."""
+        return all(getattr(model, "mil", None) is not None for model in self.models)
+
+    def _split(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return embeddings.split([model._feature_dim() for model in self.models], dim=-1)
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The fold models' pooled patch embeddings, concatenated: ``[B, sum of D]``."""
+        return torch.cat([model.embed(pixel_values) for model in self.models], dim=-1)
+
+    def classify_embeddings(self, features: torch.Tensor) -> torch.Tensor:
+        """Ensemble log-probabilities ``[B, C]`` of `embed` outputs (equal to `forward`'s logits)."""
+        probs = sum(
+            torch.softmax(model.classify_embeddings(part).float(), dim=-1)
+            for model, part in zip(self.models, self._split(features))
+        )
+        return (probs / len(self.models)).clamp_min(1e-12).log()
+
+    def image_logits(
+        self, embeddings: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log of the folds' mean image probability ``[B, C]`` and their mean patch attention ``[B, N]``.
+
+        Args:
+            embeddings: `embed` outputs of each image's patches ``[B, N, sum of D]``, padded to ``N``.
+            mask: ``[B, N]`` bool, True on real patches (default: all).
+        """
+        probs, attention = 0.0, 0.0
+        for model, part in zip(self.models, self._split(embeddings)):
+            logits, weights = model.image_logits(part, mask)
+            probs, attention = probs + torch.softmax(logits.float(), dim=-1), attention + weights
+        return (probs / len(self.models)).clamp_min(1e-12).log(), attention / len(self.models)
 
     def forward(
         self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs

@@ -12,6 +12,7 @@ from transformers.modeling_outputs import ImageClassifierOutput
 
 from .backbones import BACKBONES, get_backbone_spec
 from .configuration_histo import HistoClassifierConfig
+from .mil import GatedAttentionMIL
 
 # Ships with checkpoints: imports only torch/transformers and sibling modules, relatively.
 
@@ -19,6 +20,7 @@ _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Ta
 _TORCH_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 _BACKBONE_PREFIX = "backbone."
 _HEAD_PREFIX = "classifier."
+_MIL_PREFIX = "mil."  # the attention-MIL head trains after the patch model (hf_histo.training.mil), never with it
 
 
 def build_head(config: HistoClassifierConfig, in_features: int) -> nn.Sequential:
@@ -59,6 +61,9 @@ def _offline_error(name: str, error: Exception) -> OSError:
 class HistoClassifierForImageClassification(PreTrainedModel):
     """Patch classifier: `AutoModel` backbone -> pooled embedding -> head -> logits.
 
+    With `config.mil_hidden` set it also holds `mil`, a gated-attention MIL head that turns the pooled embeddings of
+    all patches of an image into image logits (`image_logits`, used by `aggregation="attention"`).
+
     Args:
         config: The model configuration; the backbone is built with `AutoModel.from_config(config.backbone_config)`.
         backbone: An already built (pretrained) backbone to use instead of a randomly initialised one.
@@ -83,6 +88,7 @@ class HistoClassifierForImageClassification(PreTrainedModel):
                 f"{config.backbone_config.model_type!r} has none: use pooling='pooler' or 'mean'."
             )
         self.classifier = build_head(config, self._feature_dim())
+        self.mil = self._build_mil(config)
         self.supports_gradient_checkpointing = bool(getattr(self.backbone, "supports_gradient_checkpointing", False))
         self.post_init()
         self.apply_freeze(config.freeze, config.trainable_blocks)
@@ -115,6 +121,25 @@ class HistoClassifierForImageClassification(PreTrainedModel):
         else:
             dim = bconf.hidden_size
         return 2 * dim if self.config.pooling == "cls_mean" else dim
+
+    def _build_mil(self, config: HistoClassifierConfig) -> GatedAttentionMIL | None:
+        if not config.mil_hidden:
+            return None
+        return GatedAttentionMIL(self._feature_dim(), config.mil_hidden, config.num_labels, config.mil_dropout)
+
+    def reset_mil_head(self, hidden: int | None = None, dropout: float | None = None) -> None:
+        """Give the model a new, untrained attention-MIL head (e.g. before its patch model is trained further).
+
+        Args:
+            hidden: Width of the head (default: `config.mil_hidden`, else 128).
+            dropout: Dropout after its projection (default: `config.mil_dropout`).
+        """
+        self.config.mil_hidden = int(hidden or self.config.mil_hidden or 128)
+        if dropout is not None:
+            self.config.mil_dropout = float(dropout)
+        mil = self._build_mil(self.config)
+        mil.apply(self._init_weights)
+        self.mil = mil.to(device=self.device, dtype=self.dtype).requires_grad_(False)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -243,6 +268,30 @@ class HistoClassifierForImageClassification(PreTrainedModel):
         """Return logits [B, C] for pooled embeddings (`forward == classify_embeddings(embed(x))`)."""
         return self.classifier(features)
 
+    @property
+    def has_mil_head(self) -> bool:
+        """Whether the model has an attention-MIL head (`aggregation="attention"` can use it)."""
+        return self.mil is not None
+
+    def image_logits(
+        self, embeddings: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image logits `[B, C]` and patch attention `[B, N]` of the MIL head over patch embeddings `[B, N, D]`.
+
+        Args:
+            embeddings: The `embed` outputs of each image's patches, padded to `N` per image.
+            mask: `[B, N]` bool, True on real patches (default: all).
+
+        Raises:
+            ValueError: The model has no MIL head.
+        """
+        if self.mil is None:
+            raise ValueError(
+                "this model has no attention-MIL head (config.mil_hidden is None): train one with --aggregation "
+                "attention, or use aggregation soft, hard or mask_weighted"
+            )
+        return self.mil(embeddings, mask)
+
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -340,7 +389,7 @@ class HistoClassifierForImageClassification(PreTrainedModel):
         return names
 
     def apply_freeze(self, policy: str | None = None, trainable_blocks: int | None = None) -> None:
-        """Set `requires_grad` for a freezing policy and record it in the config.
+        """Set `requires_grad` for a freezing policy and record it in the config (the MIL head stays frozen).
 
         Args:
             policy: `"none"`, `"backbone"` (head only), `"backbone_except_norm"` (head + norm affine params) or
@@ -360,7 +409,7 @@ class HistoClassifierForImageClassification(PreTrainedModel):
             raise ValueError(f"freeze='last_n' needs trainable_blocks >= 0, got {trainable_blocks!r}.")
         trainable = set(self.head_parameter_names())
         if policy == "none":
-            trainable = {name for name, _ in self.named_parameters()}
+            trainable = {name for name, _ in self.named_parameters() if not name.startswith(_MIL_PREFIX)}
         elif policy == "backbone_except_norm":
             trainable |= set(self.norm_parameter_names())
         elif policy == "last_n" and trainable_blocks > 0:

@@ -174,8 +174,14 @@ class ModelArguments:
     )
     trainable_blocks: int | None = field(default=None, metadata={"help": "Trainable last blocks for freeze=last_n."})
     aggregation: str = field(
-        default="soft", metadata={"help": "Patch-to-image voting: soft (mean prob), hard (majority), mask_weighted."}
+        default="soft",
+        metadata={
+            "help": "Patch-to-image voting: soft (mean prob), hard (majority), mask_weighted, or attention (a "
+            "gated-attention MIL head trained on the patch embeddings after the patch model; see --mil_*)."
+        },
     )
+    mil_hidden: int | None = field(default=None, metadata={"help": "Width of the attention-MIL head (default 128)."})
+    mil_dropout: float = field(default=0.25, metadata={"help": "Dropout after the MIL head's projection."})
     lora_r: int = field(default=0, metadata={"help": "LoRA rank on the backbone (0: no LoRA)."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA branch."})
@@ -196,6 +202,10 @@ class ModelArguments:
             raise ValueError("--trainable_blocks is only used with --freeze last_n")
         if self.lora_r < 0:
             raise ValueError(f"--lora_r must be >= 0, got {self.lora_r}")
+        if (self.mil_hidden is not None and self.mil_hidden < 1) or not 0.0 <= self.mil_dropout < 1.0:
+            raise ValueError(
+                f"--mil_hidden must be >= 1 and --mil_dropout in [0, 1), got {self.mil_hidden}, {self.mil_dropout}"
+            )
         if self.lora_r and self.freeze != "none":
             raise ValueError("--lora_r trains adapters on a frozen backbone by itself: leave --freeze none")
 
@@ -240,6 +250,18 @@ class HistoTrainingArguments(TrainingArguments):
     )
     tta: str = field(default="none", metadata={"help": "Test-time augmentation at evaluation: none, flips, d4."})
     n_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples for the image macro-F1 95% CI."})
+    calibrate: bool = field(
+        default=True,
+        metadata={
+            "help": "Fit a temperature on the validation images' probabilities (out-of-fold ones under --n_folds) "
+            "and store it in the model config; every inference entry point applies it. Needs a validation split. "
+            "--no_calibrate: none."
+        },
+    )
+    mil_epochs: int = field(default=40, metadata={"help": "Epochs of the attention-MIL head over the train images."})
+    mil_learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the attention-MIL head."})
+    mil_weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay of the attention-MIL head."})
+    mil_batch_size: int = field(default=8, metadata={"help": "Images (bags of patches) per attention-MIL step."})
     use_embedding_cache: str = field(
         default="auto",
         metadata={
@@ -309,6 +331,10 @@ class HistoTrainingArguments(TrainingArguments):
                 raise ValueError("--early_stopping_patience needs an eval strategy and --metric_for_best_model")
         if self.n_bootstrap < 1:
             raise ValueError(f"--n_bootstrap must be >= 1, got {self.n_bootstrap}")
+        if self.mil_epochs < 1 or self.mil_batch_size < 1 or self.mil_learning_rate <= 0 or self.mil_weight_decay < 0:
+            raise ValueError(
+                "--mil_epochs/--mil_batch_size must be >= 1, --mil_learning_rate > 0, --mil_weight_decay >= 0"
+            )
         if str(self.eval_strategy) == "no":
             self.load_best_model_at_end = False
         if str(self.save_strategy) == "no":

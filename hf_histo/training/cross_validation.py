@@ -12,8 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from ..inference.metrics import METRIC_KEYS
-from ..inference.plots import plot_confusion_matrix
+from ..inference.calibration import calibrate_result, uncalibrated, with_temperature
+from ..inference.metrics import CALIBRATION_KEYS, METRIC_KEYS, calibration_metrics
+from ..inference.plots import plot_confusion_matrix, plot_reliability_diagram
 from ..inference.results import ImageLevelResult
 from ..utils import atomic_write_text
 
@@ -38,27 +39,69 @@ def _fold_args(
     return fold_data, fold_training
 
 
+def _fold_record(result: ImageLevelResult, temperature: float, n_images: int) -> dict[str, Any]:
+    """The calibration record of one fold: before / after the out-of-fold temperature, on the fold's images."""
+    y = np.asarray(result.y_true)
+    raw, scaled = result.probs_array[y >= 0], with_temperature(result, temperature, None).probs_array[y >= 0]
+    return {
+        "temperature": temperature,
+        "fitted_on": "out_of_fold",
+        "n_images": n_images,
+        "before": calibration_metrics(y[y >= 0], raw),
+        "after_in_sample": calibration_metrics(y[y >= 0], scaled),  # these images helped fit it: see cv_metrics.json
+    }
+
+
+def _rewrite_fold(fold_dir: Path, result: ImageLevelResult) -> None:
+    """Write a fold's rescaled result into its metrics.json (other keys kept) and its temperature into config.json."""
+    path = fold_dir / "metrics.json"
+    extra = {k: v for k, v in json.loads(path.read_text()).items() if k not in ImageLevelResult.__dataclass_fields__}
+    result.save(path, **extra)
+    config_path = fold_dir / "config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text())
+        if config.get("calibration_temperature") != result.temperature:
+            config["calibration_temperature"] = result.temperature
+            atomic_write_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def summarize_folds(
-    fold_dirs: Sequence[str | Path], out_dir: str | Path | None = None, n_bootstrap: int = 1000, seed: int = 0
+    fold_dirs: Sequence[str | Path],
+    out_dir: str | Path | None = None,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    calibrate: bool = True,
 ) -> dict[str, Any]:
     """Combine finished folds: per-fold image metrics, mean ± std, and out-of-fold (OOF) metrics.
 
+    Calibration: the folds wrote uncalibrated probabilities (`finalize_run` fits no temperature on a fold). One
+    temperature is fitted here on all the out-of-fold image probabilities, so that the fold models and their
+    ensemble (`hf-histo evaluate --model OUT`, which averages the folds' softmax and applies the folds' shared
+    temperature) share it. With ``out_dir``, every fold's `config.json` gets it and its `metrics.json` is rewritten
+    with the rescaled probabilities and metrics (so each fold model reproduces its figures) and a `calibration` record
+    (before / after on its own images; its uncalibrated probabilities are kept there, so summarizing again starts
+    from them). The OOF result's record has the honest, cross-fitted "after" (`calibration_record`).
+
     Args:
         fold_dirs: Output folders of the folds (each with the `metrics.json` that `finalize_run` wrote).
-        out_dir: Where to write `cv_metrics.json`, `oof_image_predictions.csv` and `oof_confusion_matrix.png`.
+        out_dir: Where to write `cv_metrics.json`, `oof_image_predictions.csv`, `oof_confusion_matrix.png` and
+            `reliability_diagram.png` (OOF, before vs cross-fitted after); also rewrites the folds (see above).
         n_bootstrap: Resamples of the out-of-fold macro-F1 confidence interval.
-        seed: Seed of the resampling.
+        seed: Seed of the resampling and of the cross-fitting folds.
+        calibrate: Fit the temperature (`--calibrate`); False leaves (or makes) the folds uncalibrated.
 
     Returns:
         `{"n_folds", "folds": [...], "mean": {...}, "std": {...}, "oof": ImageLevelResult.to_dict(),
-        "image_macro_f1": "m ± s"}`; `std` is the sample standard deviation over folds (ddof=1).
+        "image_macro_f1": "m ± s", "temperature": T or None}`; `std` is the sample standard deviation over folds
+        (ddof=1).
     """
-    results = []
+    results, loaded = [], []
     for k, fold_dir in enumerate(fold_dirs):
         path = Path(fold_dir) / "metrics.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: the fold did not finish (finalize_run writes it)")
-        result = ImageLevelResult.load(path)
+        loaded.append(ImageLevelResult.load(path))
+        result = uncalibrated(loaded[-1])
         if results and result.labels != results[0].labels:
             raise ValueError(f"fold {k} has labels {result.labels}, fold 0 has {results[0].labels}")
         seen = {i for r in results for i in r.image_ids}
@@ -68,14 +111,6 @@ def summarize_folds(
         results.append(result)
     if not results:
         raise ValueError("no folds to summarize")
-    folds = [
-        {"fold": k, "dir": str(d), "image": r.metrics, "patch": r.patch_metrics}
-        for k, (d, r) in enumerate(zip(fold_dirs, results))
-    ]
-    keys = [k for k in METRIC_KEYS if all(f["image"].get(k) is not None for f in folds)]
-    values = {k: np.array([f["image"][k] for f in folds], dtype=np.float64) for k in keys}
-    mean = {k: float(v.mean()) for k, v in values.items()}
-    std = {k: float(v.std(ddof=1)) if v.size > 1 else 0.0 for k, v in values.items()}
     first = results[0]
     oof = ImageLevelResult.from_predictions(
         first.labels,
@@ -88,6 +123,20 @@ def summarize_folds(
         n_bootstrap=n_bootstrap,
         seed=seed,
     )
+    raw_oof, temperature, crossed = oof, None, None
+    if calibrate:
+        oof, temperature, crossed = calibrate_result(oof, "out_of_fold", seed=seed)
+    if temperature is not None:
+        n_oof = oof.calibration["n_images"]
+        results = [with_temperature(r, temperature, _fold_record(r, temperature, n_oof)) for r in results]
+    folds = [
+        {"fold": k, "dir": str(d), "image": r.metrics, "patch": r.patch_metrics}
+        for k, (d, r) in enumerate(zip(fold_dirs, results))
+    ]
+    keys = [k for k in (*METRIC_KEYS, *CALIBRATION_KEYS) if all(f["image"].get(k) is not None for f in folds)]
+    values = {k: np.array([f["image"][k] for f in folds], dtype=np.float64) for k in keys}
+    mean = {k: float(v.mean()) for k, v in values.items()}
+    std = {k: float(v.std(ddof=1)) if v.size > 1 else 0.0 for k, v in values.items()}
     summary = {
         "n_folds": len(folds),
         "labels": first.labels,
@@ -95,10 +144,23 @@ def summarize_folds(
         "mean": mean,
         "std": std,
         "oof": oof.to_dict(),
+        "temperature": temperature,
         "folds": folds,
     }
     if out_dir is not None:
         out_dir = Path(out_dir)
+        for fold_dir, before, after in zip(fold_dirs, loaded, results):
+            if after is not before:  # rescaled now, or uncalibrated now after an earlier summary rescaled it
+                _rewrite_fold(Path(fold_dir), after)
+        if crossed is not None:
+            y = np.asarray(raw_oof.y_true)
+            plot_reliability_diagram(
+                y[y >= 0],
+                raw_oof.probs_array[y >= 0],
+                crossed,
+                out_dir / "reliability_diagram.png",
+                title=f"out-of-fold images, temperature {temperature:.3g} (after: cross-fitted)",
+            )
         atomic_write_text(out_dir / "cv_metrics.json", json.dumps(summary, indent=2) + "\n")
         rows = ["image_id,label," + ",".join(f"p_{name}" for name in oof.labels)]
         for image_id, label, row in zip(oof.image_ids, oof.y_true, oof.probs):
@@ -157,7 +219,8 @@ def run_cross_validation(
     fold_dirs = [root / f"fold_{k}" for k in range(n_folds) if (root / f"fold_{k}" / "metrics.json").is_file()]
     summary = None
     if getattr(training_args, "process_index", 0) == 0:
-        summary = summarize_folds(fold_dirs, root, training_args.n_bootstrap, training_args.seed)
+        calibrate = getattr(training_args, "calibrate", True)
+        summary = summarize_folds(fold_dirs, root, training_args.n_bootstrap, training_args.seed, calibrate)
         summary["wall_seconds"] = {str(k): round(v, 1) for k, v in wall.items()}
         summary["select_on_heldout"] = select_on_heldout
         atomic_write_text(root / "cv_metrics.json", json.dumps(summary, indent=2) + "\n")

@@ -12,17 +12,20 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from transformers import Trainer
 
 from ..data.sources import read_samples
 from ..data.transforms import make_image_processor
+from ..inference.calibration import calibrate_result
 from ..inference.engine import InferenceEngine
 from ..inference.evaluate import evaluate_samples
-from ..inference.plots import plot_confusion_matrix, plot_training_curves
+from ..inference.plots import plot_confusion_matrix, plot_reliability_diagram, plot_training_curves
 from ..inference.results import ImageLevelResult
 from ..inference.trained_images import SPLITS_NAME, splits_record
 from ..utils import atomic_write_text
 from .metrics import dataset_column
+from .mil import train_run_mil_head
 from .trainer import final_model
 
 logger = logging.getLogger(__name__)
@@ -47,6 +50,7 @@ RUN_ENTRIES = (
     "plots",
     "confusion_matrix.png",
     "training_curves.png",
+    "reliability_diagram.png",
     "cv_metrics.json",
     "oof_image_predictions.csv",
     "oof_confusion_matrix.png",
@@ -198,6 +202,47 @@ def split_image_ids(data: Any) -> dict[str, list[str]]:
     return {name: sorted({str(i) for i in dataset_column(split, "image_id") or []}) for name, split in data.items()}
 
 
+def _fit_temperature(
+    result: ImageLevelResult, config: Any, args: Any, data_args: Any, staging: Path
+) -> ImageLevelResult:
+    """`result` scaled by a temperature fitted on its labelled images (stored in ``config``), with its diagram.
+
+    Nothing is fitted with `--no_calibrate`, on fewer than 2 labelled images, or on a cross-validation fold: there
+    `summarize_folds` fits one temperature on the out-of-fold images of all folds and rewrites the folds.
+    """
+    if not getattr(args, "calibrate", True):
+        return result
+    if getattr(data_args, "fold", None) is not None:
+        logger.info(
+            "fold %s: the temperature is fitted on the out-of-fold images once the folds are done", data_args.fold
+        )
+        return result
+    calibrated, temperature, crossed = calibrate_result(result, "validation", seed=args.seed)
+    if temperature is None:
+        logger.warning("fewer than 2 labelled validation images: no temperature fitted")
+        return result
+    config.calibration_temperature = temperature
+    record = calibrated.calibration
+    logger.info(
+        "temperature %.3g fitted on %d validation images: ECE %.3f -> %.3f, NLL %.3f -> %.3f (cross-fitted)",
+        temperature,
+        record["n_images"],
+        record["before"]["ece"],
+        record["after"]["ece"],
+        record["before"]["nll"],
+        record["after"]["nll"],
+    )
+    y, raw = np.asarray(result.y_true), result.probs_array
+    plot_reliability_diagram(
+        y[y >= 0],
+        raw[y >= 0],
+        crossed,
+        staging / "reliability_diagram.png",
+        title=f"validation images, temperature {temperature:.3g} (after: cross-fitted)",
+    )
+    return calibrated
+
+
 def finalize_run(
     trainer: Trainer,
     data: Any,
@@ -212,12 +257,24 @@ def finalize_run(
     `hf-histo evaluate` and `pipeline(...)` reproduce from the raw images named in `splits.json`. The model config
     records that TTA (`config.tta`) so every inference entry point uses it by default.
 
+    Attention MIL (`--aggregation attention`): before that evaluation, the model's MIL head is trained on the train
+    split's patch embeddings (`hf_histo.training.mil.train_run_mil_head`, on every process), so any recipe trains
+    the patch model, then the MIL head; validation images never train it.
+
+    Calibration (`--calibrate`, default): the validation images are evaluated uncalibrated, a temperature is fitted
+    on their image probabilities (`fit_temperature`) and stored in `config.calibration_temperature`, which every inference entry
+    point applies; `metrics.json` then holds the calibrated probabilities and metrics (what the pipeline returns) and
+    a `calibration` record (ECE, Brier, NLL before and after, the "after" cross-fitted: see `calibration_record`).
+    No validation split, `--no_calibrate` or a cross-validation fold (one temperature is fitted on the out-of-fold
+    images by `summarize_folds`): no temperature.
+
     Writes (main process): `splits.json` (`{"train": [image_id, ...], "validation": [...], "test": [...]}` and the
     content fingerprint of each image under `"fingerprints"`, which `hf-histo evaluate` matches to warn about
     images the model trained on),
     `metrics.json` (the `ImageLevelResult` plus `run`, `best_checkpoint`, `global_step`, `epoch`),
-    `confusion_matrix.png`, `training_curves.png`, and with `save_model` the model (LoRA merged) and its image
-    processor. They appear at once (`final_files`): with `save_model` when this call ends, without it when
+    `confusion_matrix.png`, `training_curves.png`, `reliability_diagram.png` (when a temperature was fitted), and
+    with `save_model` the model (LoRA merged) and its image processor. They appear at once (`final_files`): with
+    `save_model` when this call ends, without it when
     `hf_histo.hub.save_run` has added the Hub files (weights, processor, code, card), so a kill in between leaves
     the folder's previous final files, never a mix.
 
@@ -235,6 +292,8 @@ def finalize_run(
     output_dir = Path(args.output_dir)
     model = final_model(trainer)
     model.config.tta = getattr(args, "tta", "none")
+    train_run_mil_head(trainer, model, data, data_args)  # --aggregation attention: the MIL head's stage (all ranks)
+    model.config.calibration_temperature = None  # fitted below on the validation images, when there are some
     splits = split_image_ids(data)
     result = None
     if trainer.is_world_process_zero():
@@ -253,11 +312,13 @@ def finalize_run(
                     processor,
                     batch_size=args.per_device_eval_batch_size,
                     max_image_pixels=data_args.max_image_pixels,
+                    calibrate=False,  # raw probabilities: the temperature is fitted on them
                 )
                 n_bootstrap = getattr(args, "n_bootstrap", 1000)
                 result = evaluate_samples(
                     engine, samples, n_bootstrap=n_bootstrap, seed=args.seed, resize_masks=data_args.resize_masks
                 )
+                result = _fit_temperature(result, model.config, args, data_args, staging)
                 result.save(
                     staging / "metrics.json",
                     run=run_info or {},
@@ -272,6 +333,8 @@ def finalize_run(
                     title=f"image level ({result.aggregation}, TTA {result.tta}), "
                     f"macro-F1 {result.metrics['macro_f1']:.3f}",
                 )
+            elif getattr(args, "calibrate", True):
+                logger.info("no validation split: no temperature fitted, the model's probabilities stay uncalibrated")
             plot_training_curves(trainer.state.log_history, staging / "training_curves.png")
             if save_model:
                 model.save_pretrained(staging)

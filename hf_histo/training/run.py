@@ -139,6 +139,8 @@ def build_model(
         "freeze": model_args.freeze,
         "trainable_blocks": model_args.trainable_blocks,
         "aggregation": model_args.aggregation,
+        "mil_hidden": model_args.mil_hidden,
+        "mil_dropout": model_args.mil_dropout,
         "patching": None if patching is None else patching.to_dict(),
     }
     if model_args.pooling is not None:
@@ -165,6 +167,8 @@ def build_model(
         if patching is not None:
             model.config.patching = patching.to_dict()
         model.config.aggregation = model_args.aggregation
+        if model_args.aggregation == "attention":  # its patch model trains further: a new MIL head follows it
+            model.reset_mil_head(model_args.mil_hidden, model_args.mil_dropout)
         model.apply_freeze(model_args.freeze, model_args.trainable_blocks)
         from transformers import AutoImageProcessor
 

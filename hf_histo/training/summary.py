@@ -25,6 +25,17 @@ def macro_f1_text(result: ImageLevelResult) -> str:
     return f"{text} ({', '.join([*parts, f'{n} images'])})"
 
 
+def calibration_text(result: ImageLevelResult) -> str | None:
+    """``temperature T (ECE a -> b cross-fitted, on n validation images)``, or None when no temperature was fitted."""
+    record = result.calibration or {}
+    if record.get("temperature") is None or not record.get("after"):
+        return None
+    before, after = record["before"].get("ece"), record["after"].get("ece")
+    ece = f"ECE {before:.3f} -> {after:.3f} cross-fitted, " if before is not None and after is not None else ""
+    where = str(record.get("fitted_on", "")).replace("_", "-")
+    return f"temperature {record['temperature']:.3g} ({ece}on {record.get('n_images')} {where} images)"
+
+
 def next_commands(
     model: str | Path,
     data: str | Path | None,
@@ -109,6 +120,7 @@ def run_summary(
             ("models", f"{out}/fold_0 .. fold_{n - 1} ({n} folds; {out} as --model is their ensemble)"),
             ("cross-validation", f"image macro-F1 {cv['image_macro_f1']} (mean ± std over {n} folds: {folds})"),
             ("out-of-fold", f"image macro-F1 {macro_f1_text(oof)}"),
+            ("calibrated", calibration_text(oof) or "no (--no_calibrate, or too few labelled images)"),
             ("kept", f"each fold's {selection}"),
             ("figures", str(out / "cv_metrics.json")),
         ]
@@ -119,6 +131,8 @@ def run_summary(
         rows.append(("kept", _kept(out, getattr(training_args, "metric_for_best_model", None) if reloaded else None)))
         if result is not None:
             rows.append((f"{result.split}", f"image macro-F1 {macro_f1_text(result)}, TTA {result.tta}"))
+            if calibration_text(result):
+                rows.append(("calibrated", calibration_text(result)))
             rows.append(("figures", str(out / "metrics.json")))
         else:
             reason = "--val_fraction 0" if not getattr(data_args, "val_fraction", None) else "no validation images"

@@ -178,6 +178,8 @@ class HistoTrainer(Trainer):
         check_training_classes(train_dataset, train_labels, labels)
         if kwargs.get("compute_metrics") is None:
             aggregation = getattr(getattr(_base(model), "config", None), "aggregation", "soft") or "soft"
+            if aggregation == "attention":  # the MIL head trains after the patch model: epochs are judged by soft vote
+                aggregation = "soft"
             kwargs["compute_metrics"] = ImageLevelMetrics(labels, aggregation)
         callbacks = list(kwargs.get("callbacks") or [])
         if training_args is not None and getattr(training_args, "unfreeze_every_epochs", None):
