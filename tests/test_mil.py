@@ -209,13 +209,22 @@ REMOTE = textwrap.dedent(
     out = classify(np.load(sys.argv[2]), return_patches=True, top_k=10)
     assert not any(m.startswith("hf_histo") for m in sys.modules)
     print(json.dumps({"scores": {s["label"]: s["score"] for s in out["predictions"]},
-                      "attention": [p["attention"] for p in out["patches"]], "aggregation": out["aggregation"]}))
+                      "attention": [p["attention"] for p in out["patches"]], "aggregation": out["aggregation"],
+                      "temperature": out["temperature"]}))
     """
 )
 
 
-def test_hub_folder_with_attention_predicts_without_hf_histo(mil_model, processor, tmp_path):
-    folder = save_for_hub(mil_model, tmp_path / "model", image_processor=processor)
+def test_hub_folder_with_attention_and_a_temperature_predicts_without_hf_histo(mil_model, processor, tmp_path):
+    mil_model.config.calibration_temperature = 1.7  # the folder ships a fitted temperature too
+    try:
+        folder = save_for_hub(mil_model, tmp_path / "model", image_processor=processor)
+        expected = InferenceEngine(mil_model, processor).predict(tissue_image(seed=6))
+        raw = InferenceEngine(mil_model, processor, calibrate=False).predict(tissue_image(seed=6))
+    finally:
+        mil_model.config.calibration_temperature = None
+    assert expected.temperature == pytest.approx(1.7)
+    assert not np.allclose(expected.probs, raw.probs)  # the temperature changes the probabilities
     assert {"mil.py", "forward.py"} <= {p.name for p in folder.iterdir()}
     image = tissue_image(seed=6)
     np.save(tmp_path / "image.npy", image)
@@ -229,8 +238,8 @@ def test_hub_folder_with_attention_predicts_without_hf_histo(mil_model, processo
     )
     assert result.returncode == 0, result.stderr[-3000:]
     remote = json.loads(result.stdout.strip().splitlines()[-1])
-    expected = InferenceEngine(mil_model, processor).predict(image)
     assert remote["aggregation"] == "attention"
+    assert remote["temperature"] == pytest.approx(1.7)
     np.testing.assert_allclose(remote["attention"], expected.attention, atol=TOL)
     for label, score in zip(expected.labels, expected.probs):
         assert remote["scores"][label] == pytest.approx(score, abs=TOL)
