@@ -9,7 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from tiny_models import tiny_model, tissue_image
+from tiny_models import HIDE_HF_HISTO, tiny_model, tissue_image
 
 from hf_histo.data.transforms import make_image_processor
 from hf_histo.hub import save_for_hub
@@ -192,19 +192,8 @@ def test_fold_ensemble_averages_the_folds_mil_heads(processor):
     assert got.attention.sum() == pytest.approx(1.0, abs=TOL)
 
 
-REMOTE = textwrap.dedent(
+REMOTE = HIDE_HF_HISTO + textwrap.dedent(
     """
-    import importlib.abc, json, sys
-    import numpy as np
-
-    class Hide(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "hf_histo" or name.startswith("hf_histo."):
-                raise ImportError("hf_histo is hidden")
-
-    sys.meta_path.insert(0, Hide())
-    from transformers import pipeline
-
     classify = pipeline("histo-image-classification", model=sys.argv[1], trust_remote_code=True)
     out = classify(np.load(sys.argv[2]), return_patches=True, top_k=10)
     assert not any(m.startswith("hf_histo") for m in sys.modules)

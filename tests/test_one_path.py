@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from hf_histo.recipes import vit_differential_lr as recipe
 from PIL import Image
+from tiny_models import HIDE_HF_HISTO
 
 from hf_histo.data.sources import read_samples
 from hf_histo.data.synthetic import make_synthetic_dataset
@@ -22,19 +23,9 @@ FAST = ["--max_steps", "3", "--use_cpu", "--image_size", "32", "--per_device_tra
 FAST += ["--dataloader_num_workers", "0", "--n_bootstrap", "20", "--disable_tqdm", "true"]
 
 # Runs the shipped pipeline in a fresh interpreter where `import hf_histo` fails: only the folder's code is used.
-REMOTE = textwrap.dedent(
+REMOTE = HIDE_HF_HISTO + textwrap.dedent(
     """
-    import importlib.abc, json, sys
-    import numpy as np
     from PIL import Image
-
-    class Hide(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "hf_histo" or name.startswith("hf_histo."):
-                raise ImportError("hf_histo is hidden")
-
-    sys.meta_path.insert(0, Hide())
-    from transformers import pipeline
 
     model_dir, jobs = sys.argv[1], json.loads(sys.argv[2])
     classify = pipeline("histo-image-classification", model=model_dir, trust_remote_code=True)

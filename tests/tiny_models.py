@@ -32,3 +32,19 @@ def tissue_image(size: int = 160, seed: int = 0) -> np.ndarray:
     stain = np.array([200, 90, 170]) - rng.integers(0, 60, size=(size, size, 3))
     image[disc] = np.clip(stain[disc], 0, 255).astype(np.uint8)
     return image
+
+
+# Prelude of the scripts that run a shipped Hub folder in a fresh interpreter where `import hf_histo` fails, so
+# only the folder's own code is used (test_one_path, test_mil).
+HIDE_HF_HISTO = """
+import importlib.abc, json, sys
+import numpy as np
+
+class Hide(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "hf_histo" or name.startswith("hf_histo."):
+            raise ImportError("hf_histo is hidden")
+
+sys.meta_path.insert(0, Hide())
+from transformers import pipeline
+"""
