@@ -8,18 +8,23 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .backbones import BACKBONES, BackboneSpec, get_backbone_spec, tiny_backbone_config
     from .configuration_histo import HistoClassifierConfig
+    from .configuration_segmentation import HistoSegmentationConfig
     from .lora import apply_lora, merge_lora
     from .modeling_histo import HistoClassifierForImageClassification
+    from .modeling_segmentation import HistoSegmentationModel
 
 __all__ = [
     "BACKBONES",
     "BackboneSpec",
     "HistoClassifierConfig",
     "HistoClassifierForImageClassification",
+    "HistoSegmentationConfig",
+    "HistoSegmentationModel",
     "apply_lora",
     "get_backbone_spec",
     "merge_lora",
     "register_auto_classes",
+    "register_segmentation_classes",
     "tiny_backbone_config",
 ]
 
@@ -32,6 +37,8 @@ _LAZY = {
     "tiny_backbone_config": "backbones",
     "HistoClassifierConfig": "configuration_histo",
     "HistoClassifierForImageClassification": "modeling_histo",
+    "HistoSegmentationConfig": "configuration_segmentation",
+    "HistoSegmentationModel": "modeling_segmentation",
     "apply_lora": "lora",
     "merge_lora": "lora",
 }
@@ -46,6 +53,8 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     if module in _REGISTERING and not _registered:
         register_auto_classes()
+    if module in ("configuration_segmentation", "modeling_segmentation"):
+        register_segmentation_classes()
     globals()[name] = value
     return value
 
@@ -102,3 +111,20 @@ def register_auto_classes(config_class: type | None = None, model_class: type | 
     model_class.register_for_auto_class("AutoModelForImageClassification")
     if config_class is HistoClassifierConfig and model_class is HistoClassifierForImageClassification:
         _registered = True
+
+
+def register_segmentation_classes() -> None:
+    """Register the ROI segmentation model with `AutoConfig`/`AutoModelForSemanticSegmentation` and for remote code.
+
+    Idempotent. `save_pretrained` then copies configuration_segmentation.py and modeling_segmentation.py next to the
+    weights, so the folder loads with ``trust_remote_code=True`` where hf-histo is not installed.
+    """
+    from transformers import AutoConfig, AutoModelForSemanticSegmentation
+
+    from .configuration_segmentation import HistoSegmentationConfig
+    from .modeling_segmentation import HistoSegmentationModel
+
+    AutoConfig.register(HistoSegmentationConfig.model_type, HistoSegmentationConfig, exist_ok=True)
+    AutoModelForSemanticSegmentation.register(HistoSegmentationConfig, HistoSegmentationModel, exist_ok=True)
+    HistoSegmentationConfig.register_for_auto_class()
+    HistoSegmentationModel.register_for_auto_class("AutoModelForSemanticSegmentation")
