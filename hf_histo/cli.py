@@ -21,6 +21,7 @@ from .cli_commands import (
     cmd_inspect,
     cmd_predict,
     cmd_recipes,
+    cmd_segment,
 )
 from .cli_parser import CommandParser, str_to_bool
 from .data.images import DataError
@@ -34,7 +35,9 @@ DEFAULT_BATCH_SIZE = 32  # the library functions' default; recipes evaluate with
 DEFAULT_NUM_WORKERS = 2  # inference.engine.DEFAULT_NUM_WORKERS, repeated here so that --help imports no torch
 
 
-def _add_data_options(p: argparse.ArgumentParser, skipped: str, on_error: str = "raise") -> None:
+def _add_data_options(
+    p: argparse.ArgumentParser, skipped: str, on_error: str = "raise", resize_masks: bool = True
+) -> None:
     """The data options of every command that reads data (the fixes its errors name), with the recipes' names."""
     p.add_argument(
         "--layout",
@@ -49,16 +52,17 @@ def _add_data_options(p: argparse.ArgumentParser, skipped: str, on_error: str = 
         help=f"a bad image or data row: stop at the first, naming it and the fix (raise), or go on (skip: {skipped}) "
         f"(default: {on_error})",
     )
-    p.add_argument(
-        "--resize_masks",
-        type=str_to_bool,
-        nargs="?",
-        const=True,
-        default=False,
-        metavar="BOOL",
-        help="resize masks whose size differs from their image instead of failing; alone or with true/false "
-        "(default: false)",
-    )
+    if resize_masks:  # not for a command that reads no masks (segment)
+        p.add_argument(
+            "--resize_masks",
+            type=str_to_bool,
+            nargs="?",
+            const=True,
+            default=False,
+            metavar="BOOL",
+            help="resize masks whose size differs from their image instead of failing; alone or with true/false "
+            "(default: false)",
+        )
     p.add_argument(
         "--max_image_pixels",
         type=int,
@@ -91,8 +95,8 @@ def _add_patching_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()
 
 
 def _add_inference_options(p: argparse.ArgumentParser, choices: bool = True) -> None:
-    """--masks, --batch_size, --no_calibration and (predict, evaluate) --num_workers/--aggregation/--tta: the options
-    of the commands over a model."""
+    """--masks, --batch_size, --roi_model, --no_calibration and (predict, evaluate) --num_workers/--aggregation/--tta:
+    the options of the commands over a model."""
     p.add_argument(
         "--masks",
         metavar="DIR",
@@ -107,6 +111,14 @@ def _add_inference_options(p: argparse.ArgumentParser, choices: bool = True) -> 
         metavar="N",
         default=DEFAULT_BATCH_SIZE,
         help=f"patches per forward pass (default: {DEFAULT_BATCH_SIZE})",
+    )
+    p.add_argument(
+        "--roi_model",
+        metavar="DIR",
+        default=None,
+        help="ROI segmentation model (folder or Hub id, e.g. recipes/roi_segmentation.py's output): images without a "
+        "mask are patched on the region it predicts instead of detected tissue; 'none' turns off the model's own "
+        "(default: the model config's roi_model when set, else tissue detection)",
     )
     p.add_argument(
         "--no_calibration",
@@ -152,7 +164,8 @@ def build_parser() -> CommandParser:
     parser = CommandParser(
         prog="hf-histo",
         description="Histopathology image classification with the Hugging Face stack: "
-        "inspect, clean and patch a data folder; evaluate, predict, explain and serve (app) a trained model.",
+        "inspect, clean and patch a data folder; evaluate, predict, explain and serve (app) a trained model; "
+        "segment images with a region-of-interest model.",
         epilog="Every command that reads data takes it as DATA or --data DATA. 'hf-histo COMMAND --help' lists "
         "its options; 'hf-histo recipes' lists the training recipes.",
     )
@@ -278,6 +291,48 @@ def build_parser() -> CommandParser:
     _add_inference_options(p, choices=False)
     _add_data_options(p, "a bad image gets no PNG and is listed on stderr", on_error="skip")
     p.set_defaults(func=cmd_explain)
+
+    p = _add_command(
+        sub,
+        "segment",
+        "predict a region-of-interest mask per image with a segmentation model; write images/ + masks/ + labels.csv",
+        description="Predict the region-of-interest mask of every image with a segmentation model (sliding windows) "
+        "and write OUT as a data folder every command reads: images/ (copies of the images), masks/ "
+        "(one PNG per image, same name: 0/255 for a binary model, the class index otherwise) and, for labelled data, "
+        "labels.csv.",
+    )
+    p.add_data_argument("images: a data folder (any layout), a plain folder of images, one image file, or a manifest")
+    p.add_argument(
+        "--model", required=True, help="segmentation model folder (recipes/roi_segmentation.py) or Hub id; required"
+    )
+    p.add_argument("--out", required=True, help="folder to write images/, masks/ and labels.csv in; required")
+    p.add_argument(
+        "--split",
+        choices=SPLIT_CHOICES,
+        default=None,
+        help="which images; train and test need a layout with splits (default: all images)",
+    )
+    p.add_argument("--window_size", type=int, metavar="N", default=None, help="window side (default: the model's)")
+    p.add_argument(
+        "--window_overlap",
+        type=float,
+        metavar="F",
+        default=None,
+        help="share of a window overlapping its neighbour, in [0, 1) (default: the model's)",
+    )
+    p.add_argument("--batch_size", type=int, metavar="N", default=8, help="windows per forward pass (default: 8)")
+    p.add_argument(
+        "--overwrite_output_dir",
+        type=str_to_bool,
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="BOOL",
+        help="replace the images/, masks/ and labels.csv of an earlier run in OUT; alone or with true/false "
+        "(default: false: refuse them)",
+    )
+    _add_data_options(p, "it gets no mask and is left out of OUT, listed on stderr", "skip", resize_masks=False)
+    p.set_defaults(func=cmd_segment)
 
     p = _add_command(sub, "demo", "the whole product on generated (synthetic) data, offline, in minutes")
     p.add_argument(

@@ -18,6 +18,11 @@ def _data_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"on_error": args.on_error, "resize_masks": args.resize_masks, "max_image_pixels": args.max_image_pixels}
 
 
+def _roi_model(args: argparse.Namespace) -> str | bool | None:
+    """--roi_model: a folder or Hub id; 'none' turns off the model config's own (False); None: the config's."""
+    return False if args.roi_model is not None and args.roi_model.lower() == "none" else args.roi_model
+
+
 def _patching(args: argparse.Namespace, **override: str) -> PatchingConfig:
     values = {name: value for name, value in vars(args).items() if name in PATCHING_FIELDS and name not in override}
     try:
@@ -94,6 +99,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         num_workers=args.num_workers,
         n_bootstrap=args.n_bootstrap,
         calibrate=not args.no_calibration,
+        roi_model=_roi_model(args),
         **_data_options(args),
     )
     print(result.table())
@@ -117,6 +123,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         tta=args.tta,
         num_workers=args.num_workers,
         calibrate=not args.no_calibration,
+        roi_model=_roi_model(args),
         **_data_options(args),
     )
     print(f"wrote {path}")
@@ -135,9 +142,30 @@ def cmd_explain(args: argparse.Namespace) -> int:
         max_images=args.max_images,
         batch_size=args.batch_size,
         calibrate=not args.no_calibration,
+        roi_model=_roi_model(args),
         **_data_options(args),
     )
     print(f"wrote {len(paths)} explanation images to {args.out}")
+    return 0
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from .inference.segment import segment_folder
+
+    result = segment_folder(
+        args.model,
+        args.data,
+        args.out,
+        layout=args.layout,
+        split=args.split,
+        window_size=args.window_size,
+        window_overlap=args.window_overlap,
+        batch_size=args.batch_size,
+        on_error=args.on_error,
+        max_image_pixels=args.max_image_pixels,
+        overwrite=args.overwrite_output_dir,
+    )
+    print(result.summary())
     return 0
 
 

@@ -75,7 +75,7 @@ def test_option_names_are_the_recipes_and_build_has_their_defaults():
     recipe = {o: a for a in make_parser()._actions for o in a.option_strings}
     own = {"--data", "--model", "--out", "--masks", "--split", "--probs", "--batch_size", "--max_images"}
     own |= {"--num_proc", "--num_workers", "--quick", "--verbose", "-v", "--help", "-h", "--host", "--port"}
-    own |= {"--no_calibration"}
+    own |= {"--no_calibration", "--roi_model", "--window_size", "--window_overlap"}
     parser = build_parser()
     for name, command in parser.commands.items():
         for action in command._actions:
@@ -93,7 +93,8 @@ def test_option_names_are_the_recipes_and_build_has_their_defaults():
 def test_every_recipe_answers_help(recipe):
     result = python(str(recipe.relative_to(ROOT)), "--help")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "--data_dir" in result.stdout and "--strategy" in result.stdout
+    own = "--crop_size" if recipe.stem == "roi_segmentation" else "--strategy"
+    assert "--data_dir" in result.stdout and own in result.stdout
 
 
 # ---- import time: no torch, no transformers ------------------------------------------------------------------------------

@@ -241,3 +241,51 @@ def resolve_mask(
     if not arr.any():
         return np.ones((height, width), dtype=bool), "whole"
     return arr, source
+
+
+def load_class_mask(
+    path: str | Path,
+    image_size: tuple[int, int],
+    num_labels: int,
+    ignore_index: int = 255,
+    image_path: str | Path | None = None,
+    max_pixels: int | None = None,
+) -> np.ndarray:
+    """Load a multi-class index mask (0 background, 1..N-1 classes, ``ignore_index`` unannotated) as uint8.
+
+    Args:
+        path: The mask file: one channel of class indices (8-bit grey or palette indices), lossless.
+        image_size: ``(width, height)`` of its image; another size is an error.
+        num_labels: Number of classes including the background.
+        ignore_index: The value of unannotated pixels, kept as is.
+        image_path: The image file, named in errors.
+        max_pixels: Raise PIL's decompression-bomb limit (as for images).
+
+    Raises:
+        DataError: Unreadable, another size, more than one channel, or a value that is neither a class nor
+            ``ignore_index``.
+    """
+    path = Path(path)
+    with pixel_limit(max_pixels):
+        try:
+            with Image.open(path) as im:
+                mode, size, arr = im.mode, im.size, np.asarray(im)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise DataError(f"{path}: the mask file cannot be read ({e}); re-export or remove it.") from e
+    if size != tuple(image_size):
+        raise DataError(
+            f"{path}: mask size {size[0]}x{size[1]} differs from image {image_path or ''} size "
+            f"{image_size[0]}x{image_size[1]}; fix the mask."
+        )
+    if arr.ndim != 2 or mode not in ("L", "P", "I", "I;16"):
+        raise DataError(
+            f"{path}: a multi-class mask must be one channel of class indices (8-bit grey or palette), got mode "
+            f"{mode}; save the class index of each pixel as a grey PNG."
+        )
+    bad = np.setdiff1d(np.unique(arr), [*range(num_labels), ignore_index])
+    if bad.size:
+        raise DataError(
+            f"{path}: mask values {bad[:5].tolist()} are neither classes 0..{num_labels - 1} nor the ignore index "
+            f"{ignore_index}; pass the right --classes / --ignore_index, or use --mask_mode binary."
+        )
+    return arr.astype(np.uint8)

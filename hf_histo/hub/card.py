@@ -251,6 +251,7 @@ def build_model_card(
         freeze=config.freeze,
         aggregation=getattr(config, "aggregation", "soft"),
         temperature=f"{temperature:.4g}" if _finite(temperature) else None,
+        roi_model=getattr(config, "roi_model", None),
         dataset_name=dataset_name,
         dataset_ids=datasets or [],
         data_facts=[

@@ -18,41 +18,36 @@ import torch
 from PIL import Image
 
 from ..data.images import DataError, load_rgb
-from ..data.masks import resolve_mask
 from ..data.patching import PatchBox, PatchingConfig, crop_array, crop_patch
-from ..models.aggregation import AGGREGATIONS, aggregate, apply_temperature
 from ..models.aggregation import TTA_MODES as TTA_MODES  # re-exported: the app lists the engine's names
+from ..models.aggregation import aggregate, apply_temperature
 from .feed import PixelTransform, read_ahead, stack_patches
-from .forward import attention_vote, check_attention, check_tta, has_mil_head, patch_probabilities_and_embeddings
+from .forward import (
+    attention_vote,
+    check_aggregation,
+    check_attention,
+    check_num_workers,
+    check_tta,
+    has_mil_head,
+    patch_probabilities_and_embeddings,
+)
 from .forward import patch_probabilities as patch_probabilities  # re-exported, with the views training embeds
 from .forward import tta_views as tta_views
+from .roi import RoiSegmenter, resolve_roi_mask
 
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_NUM_WORKERS = 2  # read-ahead threads of the folder-level entry points (predict, evaluate)
 
 # Values of `ImagePrediction.fallback` (None when the image was patched normally).
 FALLBACK_BEST_TILE = "best_tile"  # no patch passed the strategy's filters: the best single tile (as in training)
-MASK_FALLBACKS = ("empty_mask_tissue", "empty_mask_whole", "whole")  # resolve_mask sources other than a real mask
+# resolve_roi_mask sources other than a real mask or the ROI model's region ("roi_model").
+MASK_FALLBACKS = ("empty_mask_tissue", "empty_mask_whole", "empty_roi_tissue", "whole")
 # What a bad input raises while it is decoded and patched (DataError is a ValueError); anything else is a bug or the
 # model's, and stops the run.
 ITEM_ERRORS = (ValueError, TypeError)
 # load_rgb and load_mask change PIL's global pixel limit and the warnings filters while they decode, which is not
 # thread-safe: read-ahead threads take turns to decode and patch; cropping and resizing run in parallel.
 _DECODE_LOCK = threading.Lock()
-
-
-def check_aggregation(method: str) -> str:
-    """Return ``method`` if it is an aggregation name; raise a clear error otherwise."""
-    if method not in AGGREGATIONS:
-        raise ValueError(f"unknown aggregation {method!r}; choose one of {list(AGGREGATIONS)}")
-    return method
-
-
-def check_num_workers(num_workers: int) -> int:
-    """Return ``num_workers`` (read-ahead threads) as an int if it is >= 0; raise a clear error otherwise."""
-    if int(num_workers) < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    return int(num_workers)
 
 
 def item_error(error: Exception, name: str | None) -> DataError:
@@ -89,8 +84,8 @@ class ImagePrediction:
         probs: Image class probabilities ``[C]`` after aggregation.
         patch_probs: Patch class probabilities ``[N, C]`` (softmax averaged over the TTA views).
         boxes: ``[N, 5]`` int array: x, y, w, h and mask pixels of each patch.
-        mask_source: ``"mask"``, ``"tissue"`` (no mask given), ``"empty_mask_tissue"``, ``"empty_mask_whole"`` or
-            ``"whole"``.
+        mask_source: ``"mask"``, ``"tissue"`` (no mask given), ``"roi_model"`` (no mask given: the ROI model's
+            region), ``"empty_mask_tissue"``, ``"empty_mask_whole"``, ``"empty_roi_tissue"`` or ``"whole"``.
         fallback: None, or why the image was not patched normally (``"best_tile"`` or a mask fallback above).
         aggregation: How the patches were aggregated.
         tta: The TTA views averaged per patch.
@@ -155,6 +150,8 @@ class InferenceEngine:
         num_workers: Threads of ``predict_many`` that decode, patch and cut the next images while the model runs
             (0: one image at a time in the calling thread, nothing read ahead).
         calibrate: Scale image probabilities by ``config.calibration_temperature``, as the reported figures; False: raw ones.
+        roi: A region-of-interest segmenter: an image without a mask is patched on its predicted region instead of
+            detected tissue (tissue detection when it predicts none). A given mask always wins.
     """
 
     def __init__(
@@ -169,6 +166,7 @@ class InferenceEngine:
         max_image_pixels: int | None = None,
         num_workers: int = 0,
         calibrate: bool = True,
+        roi: RoiSegmenter | None = None,
     ):
         config = model.config
         if patching is None:
@@ -193,6 +191,7 @@ class InferenceEngine:
         self.transform = PixelTransform.of(image_processor)
         self.labels = [str(config.id2label[i]) for i in range(len(config.id2label))]
         self.calibrate, self.temperature = bool(calibrate), getattr(config, "calibration_temperature", None)
+        self.roi = roi
 
     @property
     def device(self) -> torch.device:
@@ -205,12 +204,13 @@ class InferenceEngine:
         return load_rgb(image, self.max_image_pixels, timeout, name)
 
     def patch(self, image: Image.Image, mask: Any = None, resize_mask: bool = False, name: str | None = None):
-        """Resolve the mask (tissue detection without one) and select the patch boxes, as the builder does.
+        """Resolve the mask (the ROI model's region, or tissue detection, without one) and select the patch boxes.
 
         Returns:
             A `PatchedImage`.
         """
-        mask_array, mask_source = resolve_mask(
+        mask_array, mask_source = resolve_roi_mask(
+            self.roi,
             image,
             mask,
             self.patching.empty_fallback,

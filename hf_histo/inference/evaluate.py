@@ -15,6 +15,7 @@ from .loading import ModelSource, check_output_file, load_engine
 from .plots import plot_confusion_matrix
 from .predict import check_on_error, log_failures, with_skip_hint
 from .results import ImageLevelResult
+from .roi import RoiSegmenter
 from .trained_images import trained_on
 
 
@@ -56,8 +57,9 @@ def _evaluate(
     progress: bool,
     on_error: str,
     resize_masks: bool,
-) -> tuple[ImageLevelResult, list[tuple[str, str]]]:
-    """`evaluate_samples`, and the ``(file, error)`` of each image that failed with ``on_error="skip"``."""
+) -> tuple[ImageLevelResult, list[tuple[str, str]], list[str]]:
+    """`evaluate_samples`, the ``(file, error)`` of each image that failed with ``on_error="skip"``, and the
+    ``mask_source`` of each image of the result."""
     check_on_error(on_error)
     if not samples:
         raise DataError("no images to evaluate")
@@ -89,7 +91,7 @@ def _evaluate(
     result = ImageLevelResult.from_image_predictions(
         predictions, y_true, split=split, n_bootstrap=n_bootstrap, seed=seed
     )
-    return result, failed
+    return result, failed, [p.mask_source for p in predictions]
 
 
 def evaluate_model(
@@ -110,6 +112,7 @@ def evaluate_model(
     masks: str | Path | None = None,
     num_workers: int = DEFAULT_NUM_WORKERS,
     calibrate: bool = True,
+    roi_model: str | Path | RoiSegmenter | bool | None = None,
 ) -> ImageLevelResult:
     """Score a model on every labelled image of a folder (``hf-histo evaluate``).
 
@@ -142,6 +145,10 @@ def evaluate_model(
             are the same for any value.
         calibrate: Scale the image probabilities by the model's temperature (``config.calibration_temperature``, fitted on its
             validation images), as its reported figures are; False: the raw aggregated probabilities.
+        roi_model: ROI segmentation model (folder or Hub id) whose predicted region patches the images without a
+            mask; None: the model config's ``roi_model`` when set, else tissue detection; False: tissue detection.
+            With one, the JSON's ``mask_source`` list says per image (in ``image_ids`` order) where its region came
+            from.
 
     Raises:
         DataError: The folder has no labelled image, labels the model does not know, a bad image (with
@@ -160,6 +167,7 @@ def evaluate_model(
         tta=tta,
         max_image_pixels=max_image_pixels,
         calibrate=calibrate,
+        roi_model=roi_model,
     )
     engine.num_workers = num_workers
     sample_set = read_samples(data, layout=layout, on_error=on_error, masks=masks)
@@ -170,7 +178,7 @@ def evaluate_model(
             f"{sample_set.layout} layout); give labels (e.g. images/ + labels.csv), or use `hf-histo predict`"
         )
     trained = set(trained_on(model, labelled))  # warned before the long part, so that it can be stopped
-    result, failed = _evaluate(
+    result, failed, mask_sources = _evaluate(
         engine, labelled, Path(str(data)).name, n_bootstrap, 0, progress, on_error, resize_masks
     )
     result.trained_on = [i for i in result.image_ids if i in trained]
@@ -183,6 +191,7 @@ def evaluate_model(
             data=str(data),
             seconds=round(time.perf_counter() - start, 2),
             failed=[{"file": file, "error": error} for file, error in [*sample_set.skipped, *failed]],
+            **({"mask_source": mask_sources} if engine.roi is not None else {}),
         )
         plot_confusion_matrix(
             result.metrics["confusion_matrix"],

@@ -12,6 +12,7 @@ from PIL import Image
 from ..utils import atomic_savefig
 from .engine import InferenceEngine, item_error
 from .loading import ModelSource, load_engine
+from .roi import RoiSegmenter
 from .saliency import patch_map, patch_saliency
 
 DISPLAY_MAX_SIDE = 1024  # figures show the image at most this large (boxes are scaled with it)
@@ -49,7 +50,7 @@ def explain_image(
     Args:
         engine: The model's inference engine.
         image: Path, PIL image or array.
-        mask: Its mask; None uses tissue detection, as the pipeline does.
+        mask: Its mask; None uses the engine's ROI model, else tissue detection, as the pipeline does.
         out_path: PNG to write (atomically).
         title: Figure title (default: the file name when `image` is a path).
         true_label: Shown next to the prediction when known.
@@ -144,6 +145,7 @@ def explain_folder(
     max_image_pixels: int | None = None,
     masks: str | os.PathLike | None = None,
     calibrate: bool = True,
+    roi_model: str | os.PathLike | RoiSegmenter | bool | None = None,
 ) -> list[Path]:
     """Write one explanation PNG per image of a data folder (`hf-histo explain`); the output folder is checked first.
 
@@ -165,6 +167,8 @@ def explain_folder(
             image file; a given mask overrides the layout's own for its image (see `read_samples`).
         calibrate: Scale the image probabilities by the model's temperature (`config.calibration_temperature`, fitted on its
             validation images), as its reported figures are; False: the raw aggregated probabilities.
+        roi_model: ROI segmentation model (folder or Hub id) whose predicted region patches the images without a
+            mask; None: the model config's `roi_model` when set, else tissue detection; False: tissue detection.
 
     Returns:
         The PNG paths written, in sample order.
@@ -186,7 +190,12 @@ def explain_folder(
     if max_images is not None:
         samples = samples[: max(0, int(max_images))]
     engine = load_engine(
-        model_dir, device=device, batch_size=batch_size, max_image_pixels=max_image_pixels, calibrate=calibrate
+        model_dir,
+        device=device,
+        batch_size=batch_size,
+        max_image_pixels=max_image_pixels,
+        calibrate=calibrate,
+        roi_model=roi_model,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     paths, failed = [], []

@@ -1,4 +1,4 @@
-"""The engine's forward stage: TTA views, patch probabilities, patch embeddings and the attention-MIL image vote."""
+"""The engine's forward stage: TTA views, patch probabilities, patch embeddings, the attention-MIL vote; checks."""
 
 # Ships with checkpoints next to engine.py: numpy, torch and siblings, relatively.
 
@@ -9,7 +9,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..models.aggregation import TTA_MODES
+from ..models.aggregation import AGGREGATIONS, TTA_MODES
+
+
+def check_aggregation(method: str) -> str:
+    """Return ``method`` if it is an aggregation name; raise a clear error otherwise."""
+    if method not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {method!r}; choose one of {list(AGGREGATIONS)}")
+    return method
+
+
+def check_num_workers(num_workers: int) -> int:
+    """Return ``num_workers`` (read-ahead threads) as an int if it is >= 0; raise a clear error otherwise."""
+    if int(num_workers) < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    return int(num_workers)
 
 
 def check_tta(mode: str) -> str:

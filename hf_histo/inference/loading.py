@@ -15,6 +15,7 @@ from ..data.images import DataError
 from ..models.ensemble import FoldEnsemble
 from .engine import DEFAULT_BATCH_SIZE, InferenceEngine
 from .pipeline import TASK, HistoImageClassificationPipeline, register_pipeline_task
+from .roi import RoiSegmenter, load_roi
 
 ModelSource = str | os.PathLike | Sequence[str | os.PathLike]
 
@@ -107,6 +108,7 @@ def load_engine(
     tta: str | None = None,
     max_image_pixels: int | None = None,
     calibrate: bool = True,
+    roi_model: str | os.PathLike | RoiSegmenter | bool | None = None,
 ) -> InferenceEngine:
     """The inference engine of a trained hf-histo model folder, Hub id, CV root (fold ensemble) or list of folders.
 
@@ -121,6 +123,8 @@ def load_engine(
         calibrate: Apply the model's temperature (``config.calibration_temperature``) to the image probabilities; False: raw
             ones. The folds of a CV root share one temperature (fitted on the out-of-fold images); folds with
             different temperatures are an error.
+        roi_model: ROI segmentation model for images without a mask (folder, Hub id or `RoiSegmenter`); None: the
+            model config's ``roi_model`` when set (tissue detection otherwise); False: tissue detection.
 
     Raises:
         FileNotFoundError: A folder that holds no model, or a path-like value that does not exist (raised before
@@ -155,6 +159,9 @@ def load_engine(
             )
     processor = AutoImageProcessor.from_pretrained(first)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    roi_model = getattr(network.config, "roi_model", None) if roi_model is None or roi_model is True else roi_model
+    if isinstance(roi_model, (str, os.PathLike)) and not _in_model_folder(first, roi_model):
+        check_model_source(roi_model)
     return InferenceEngine(
         network.to(device),
         processor,
@@ -163,7 +170,14 @@ def load_engine(
         batch_size=batch_size,
         max_image_pixels=max_image_pixels,
         calibrate=calibrate,
+        roi=load_roi(roi_model or False, network.config, device),
     )
+
+
+def _in_model_folder(model_dir: str, roi_model: str | os.PathLike) -> bool:
+    """Whether a relative ROI model folder is found in the classifier's folder (as `load_roi` looks there too)."""
+    path = os.fspath(roi_model)
+    return not os.path.isabs(path) and not os.path.exists(path) and os.path.isdir(os.path.join(model_dir, path))
 
 
 def load_pipeline(

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
@@ -20,6 +21,7 @@ from .engine import (
     check_tta,
     item_error,
 )
+from .roi import RoiSegmenter, load_roi
 
 TASK = "histo-image-classification"
 DEFAULT_TOP_K = 5
@@ -40,6 +42,11 @@ class HistoImageClassificationPipeline(Pipeline):
     name is registered by `register_pipeline_task()`, so `pipeline("histo-image-classification", model=model,
     image_processor=processor)` also works on in-memory objects.
 
+    Region of interest: `pipeline(..., roi_model=SEG)` (a segmentation folder, Hub repo id or `RoiSegmenter`)
+    patches an image given without a mask on the region that model predicts instead of detected tissue; without
+    `roi_model=`, the model config's `roi_model` is used when set; `roi_model=False` turns it off (tissue detection).
+    It is a call argument too (for that call only). A given mask always wins.
+
     Call arguments:
         inputs: An image (path, URL, PIL image, HWC/CHW array), a dict `{"image": ..., "mask": ...}`, or a list of
             those (a list gives a list of results; an image that cannot be read or patched gets `{"error": message}`
@@ -58,16 +65,17 @@ class HistoImageClassificationPipeline(Pipeline):
         top_k: Number of labels returned (default 5, at most the number of classes).
         return_patches: Return a dict with per-patch details instead of the plain list (see below).
         resize_mask: Resize a mask of another size to the image (nearest neighbour) instead of raising.
+        roi_model: The ROI model of this call (see above; False: tissue detection; True: the pipeline's).
 
     Returns:
         Like `image-classification`: a list of `{"label", "score"}` sorted by score. When the image could not be
         patched normally, every entry also has `"fallback"`: `"best_tile"` (no patch passed the strategy's filters:
         the single tile with the most mask pixels was used, as in training), `"empty_mask_tissue"` (the mask was
-        empty: tissue detection was used) or `"empty_mask_whole"` / `"whole"` (empty mask, or no tissue found:
-        patches cover the whole image).
+        empty: tissue detection was used), `"empty_roi_tissue"` (the ROI model found no region: tissue detection)
+        or `"empty_mask_whole"` / `"whole"` (empty mask, or no tissue found: patches cover the whole image).
         With `return_patches=True`: a dict `{"predictions": that list, "patches": [{"box": [x, y, w, h],
         "foreground": fraction, "probs": {label: p}, "attention": weight (attention aggregation only, summing to 1
-        over the image's patches)}], "mask_source": "mask" | "tissue" | ...,
+        over the image's patches)}], "mask_source": "mask" | "roi_model" | "tissue" | ...,
         "aggregation": method, "tta": mode, "fallback": str | None, "temperature": T | None}`.
         In a list result, `{"error": message}` stands for an image that could not be read or patched.
     """
@@ -77,15 +85,19 @@ class HistoImageClassificationPipeline(Pipeline):
     _load_feature_extractor = False
     _load_tokenizer = False
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, roi_model: str | os.PathLike | RoiSegmenter | bool | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         if self.image_processor is None:
             raise ValueError(
                 f"{type(self).__name__} needs the model's image processor: save it next to the model "
                 "(preprocessor_config.json) or pass image_processor=..."
             )
+        self._roi_models: dict[str, RoiSegmenter] = {}  # the ROI models of calls, loaded once each
         self.engine = InferenceEngine(
-            self.model, self.image_processor, batch_size=self._batch_size or DEFAULT_BATCH_SIZE
+            self.model,
+            self.image_processor,
+            batch_size=self._batch_size or DEFAULT_BATCH_SIZE,
+            roi=load_roi(roi_model, self.model.config, self.device),
         )
 
     def __call__(self, inputs: Any = None, mask: Any = None, **kwargs: Any) -> list | dict:
@@ -118,6 +130,7 @@ class HistoImageClassificationPipeline(Pipeline):
         resize_mask: bool | None = None,
         timeout: float | None = None,
         calibrate: bool | None = None,
+        roi_model: str | os.PathLike | RoiSegmenter | bool | None = None,
     ) -> tuple[dict, dict, dict]:
         preprocess_params: dict[str, Any] = {}
         forward_params: dict[str, Any] = {}
@@ -126,6 +139,8 @@ class HistoImageClassificationPipeline(Pipeline):
             preprocess_params["resize_mask"] = resize_mask
         if timeout is not None:
             preprocess_params["timeout"] = timeout
+        if roi_model is not None and roi_model is not True:  # True: the pipeline's own
+            preprocess_params["roi"] = self._call_roi(roi_model)
         if patch_batch_size is not None:
             if int(patch_batch_size) < 1:
                 raise ValueError(f"batch_size must be >= 1, got {patch_batch_size}")
@@ -142,18 +157,40 @@ class HistoImageClassificationPipeline(Pipeline):
             postprocess_params["calibrate"] = bool(calibrate)
         return preprocess_params, forward_params, postprocess_params
 
-    def preprocess(self, item: dict, resize_mask: bool = False, timeout: float | None = None) -> dict:
+    def _call_roi(self, roi_model: str | os.PathLike | RoiSegmenter | bool) -> RoiSegmenter | bool | None:
+        """A call's ROI model: loaded (once per path), or False for none."""
+        if roi_model is False:
+            return False
+        if not isinstance(roi_model, (str, os.PathLike)):  # a loaded segmenter
+            return roi_model
+        key = os.fspath(roi_model)
+        if key not in self._roi_models:
+            self._roi_models[key] = load_roi(key, self.model.config, self.device)
+        return self._roi_models[key]
+
+    def preprocess(
+        self,
+        item: dict,
+        resize_mask: bool = False,
+        timeout: float | None = None,
+        roi: RoiSegmenter | bool | None = None,
+    ) -> dict:
         """Decode the image (the builder's decode), resolve its mask, select the patch boxes and cut the patches.
 
         An item of a list that cannot be read or patched becomes ``{"error": DataError}`` (a single image raises).
+        ``roi``: the call's ROI model (False: none); None: the pipeline's.
         """
+        engine = self.engine
+        if roi is not None:
+            engine = copy.copy(self.engine)
+            engine.roi = roi or None
         source = item["image"]
         position = item.get("position")
         name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else None
         if name is None and position is not None:
             name = f"image {position}"
         try:
-            patched = self.engine.load(source, item.get("mask"), resize_mask, name, timeout)
+            patched = engine.load(source, item.get("mask"), resize_mask, name, timeout)
         except ITEM_ERRORS as e:
             if position is None:
                 raise

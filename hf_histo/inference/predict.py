@@ -24,11 +24,13 @@ from .engine import (
     item_error,
 )
 from .loading import ModelSource, check_output_file, load_engine
+from .roi import RoiSegmenter, load_roi
 
 logger = logging.getLogger("hf_histo.inference")  # predict, evaluate and explain report failures here
 
 SUBMISSION_COLUMNS = ("sample_index", "label")
 ERROR_COLUMN = "error"
+MASK_SOURCE_COLUMN = "mask_source"  # with an ROI model: where each image's region came from
 SKIP_HINT = "pass --on_error skip (on_error='skip') to go on with the other images and list this one"
 
 
@@ -108,6 +110,7 @@ def predict_folder(
     split: str | None = None,
     num_workers: int = DEFAULT_NUM_WORKERS,
     calibrate: bool = True,
+    roi_model: str | os.PathLike | RoiSegmenter | bool | None = None,
 ) -> Path:
     """Classify the images of a folder (or one image file) and write the challenge's submission CSV.
 
@@ -146,6 +149,10 @@ def predict_folder(
             time); the CSV is the same for any value.
         calibrate: Scale the image probabilities by the model's temperature (`config.calibration_temperature`, fitted on its
             validation images), as its reported figures are; False: the raw aggregated probabilities.
+        roi_model: ROI segmentation model (folder or Hub id) whose predicted region patches the images without a mask;
+            None: the model config's `roi_model` when set, else tissue detection; False: tissue detection. With one,
+            a `mask_source` column says per image where its region came from (`roi_model`, `mask`,
+            `empty_roi_tissue`: it predicted none, ...).
 
     Returns:
         `out_csv` as a `Path`.
@@ -169,6 +176,8 @@ def predict_folder(
         engine.max_image_pixels = max_image_pixels if max_image_pixels is not None else engine.max_image_pixels
         engine.num_workers = num_workers
         engine.calibrate = calibrate
+        if roi_model is not None:
+            engine.roi = load_roi(roi_model, engine.model.config, engine.device)
     else:
         engine = load_engine(
             model_dir,
@@ -178,6 +187,7 @@ def predict_folder(
             tta=tta,
             max_image_pixels=max_image_pixels,
             calibrate=calibrate,
+            roi_model=roi_model,
         )
         engine.num_workers = num_workers
     labels = engine.labels
@@ -185,6 +195,7 @@ def predict_folder(
     ids_as_given = sample_set.layout == "challenge"  # the challenge's sample_index cells are the grader's ids
 
     rows, failed = [], []
+    sources = engine.roi is not None  # a mask_source column with an ROI model
     items = ((s.image_path, s.mask_path, s.image_id) for s in samples)
     results = engine.predict_many(items, resize_mask=resize_masks, return_errors=on_error == "skip")
     bar = tqdm(total=len(samples), desc="predict", unit="image", disable=not progress)
@@ -197,15 +208,19 @@ def predict_folder(
             bar.update()
             if isinstance(result, DataError):
                 failed.append((name, str(result)))
-                rows.append([name, "", *([""] * len(labels) if probs else []), str(result)])
+                rows.append(
+                    [name, "", *([""] * len(labels) if probs else []), *([""] if sources else []), str(result)]
+                )
             else:
-                rows.append([name, result.label, *([f"{p:.6f}" for p in result.probs] if probs else []), ""])
+                cells = [f"{p:.6f}" for p in result.probs] if probs else []
+                rows.append([name, result.label, *cells, *([result.mask_source] if sources else []), ""])
     finally:
         bar.close()
 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    header = [*SUBMISSION_COLUMNS, *(labels if probs else []), *([ERROR_COLUMN] if failed else [])]
+    header = [*SUBMISSION_COLUMNS, *(labels if probs else []), *([MASK_SOURCE_COLUMN] if sources else [])]
+    header += [ERROR_COLUMN] if failed else []
     writer.writerow([csv_safe(cell) for cell in header])
     for name, *cells in rows:
         cells = cells if failed else cells[:-1]

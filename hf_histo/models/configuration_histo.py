@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
@@ -51,6 +52,9 @@ class HistoClassifierConfig(PretrainedConfig):
         mil_hidden: Width of the gated-attention MIL head (`models/mil.py`); None: no MIL head, except with
             `aggregation="attention"`, which gets one of width 128.
         mil_dropout: Dropout after the MIL head's projection.
+        roi_model: A region-of-interest segmentation model (a folder path or Hub repo id, e.g. one trained with
+            `recipes/roi_segmentation.py`): every inference entry point patches an image given without a mask on
+            the region it predicts, instead of detected tissue (a given mask always wins). None: tissue detection.
         **kwargs: `num_labels`, `id2label`, `label2id` and the other `PretrainedConfig` arguments.
     """
 
@@ -76,6 +80,7 @@ class HistoClassifierConfig(PretrainedConfig):
         initializer_range: float = 0.02,
         mil_hidden: int | None = None,
         mil_dropout: float = 0.25,
+        roi_model: str | os.PathLike | None = None,
         **kwargs,
     ):
         if backbone_config is None:
@@ -128,6 +133,11 @@ class HistoClassifierConfig(PretrainedConfig):
             raise ValueError(f"HistoClassifierConfig: mil_hidden must be an int >= 1 or None, got {mil_hidden!r}.")
         if not 0.0 <= mil_dropout < 1.0:
             raise ValueError(f"HistoClassifierConfig: mil_dropout must be in [0, 1), got {mil_dropout}.")
+        roi_model = os.fspath(roi_model) if isinstance(roi_model, os.PathLike) else roi_model
+        if roi_model is not None and (not isinstance(roi_model, str) or not roi_model):
+            raise ValueError(
+                f"HistoClassifierConfig: roi_model must be a folder path or Hub repo id, got {roi_model!r}."
+            )
         if not isinstance(head_layers, int) or head_layers < 1:
             raise ValueError(f"HistoClassifierConfig: head_layers must be an int >= 1, got {head_layers!r}.")
         widths = head_hidden if isinstance(head_hidden, (list, tuple)) else [head_hidden]
@@ -157,6 +167,7 @@ class HistoClassifierConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.mil_hidden = mil_hidden
         self.mil_dropout = mil_dropout
+        self.roi_model = roi_model
         super().__init__(**kwargs)
         if self.id2label is not None and not self.label2id:  # transformers 5 no longer derives it
             self.label2id = {label: index for index, label in self.id2label.items()}
