@@ -35,6 +35,8 @@ FAST = (
     "--n_bootstrap 20 --disable_tqdm true --cache_dir patch_cache"
 )
 
+SEG_FAST = "--demo --max_steps 2 --use_cpu --disable_tqdm true --overwrite_output_dir true"
+
 
 def commands(path: Path) -> list[tuple[str, str, set[str]]]:
     """`(language, text, tags)` of the commands of one Markdown file, in reading order."""
@@ -66,6 +68,9 @@ def tiny(line: str) -> str:
         return "true  # the test suite itself: CI runs this line verbatim (.ci/run)"
     if re.search(r"(^|\s)hf-histo demo(\s|$)", line):
         line += " --quick"
+    if "recipes/roi_segmentation.py" in line:  # its own flags (no patch cache, no image_size)
+        line = re.sub(r"--n_folds \d+", "--n_folds 2", line)
+        return line + " " + SEG_FAST
     if re.search(r"recipes/\w+\.py", line):
         line = re.sub(r"--num_processes (\d+)", lambda m: "--cpu --num_processes 2" if int(m[1]) > 2 else m[0], line)
         line = re.sub(r"--n_folds \d+", "--n_folds 2", line)
