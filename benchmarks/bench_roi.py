@@ -45,23 +45,25 @@ SHARED = ROOT / ".." / "shared" / "data"
 SOURCES = ("true mask", "predicted mask", "tissue detection")
 
 
+def run_recipe(name: str, **flags: object) -> None:
+    """Launch ``recipes/NAME.py`` with ``--key=value`` flags, as a user does (its training log is not shown)."""
+    command = [sys.executable, str(ROOT / "recipes" / f"{name}.py"), *(f"--{k}={v}" for k, v in flags.items())]
+    subprocess.run([*command, "--disable_tqdm=true"], check=True, stdout=subprocess.DEVNULL)
+
+
 def run_segmentation(data: Path, out: Path, architecture: str, seed: int, n_folds: int, folds: list[int]) -> list:
     """Run (or finish) the recipe's grouped CV folds for one architecture; each fold's metrics record."""
     for k in folds:
-        if (out / f"fold_{k}" / "metrics.json").is_file():
-            continue
-        command = [
-            sys.executable,
-            str(ROOT / "recipes" / "roi_segmentation.py"),
-            f"--data_dir={data}",
-            f"--output_dir={out}",
-            f"--n_folds={n_folds}",
-            f"--fold={k}",
-            f"--seed={seed}",
-            f"--architecture={architecture}",
-            "--disable_tqdm=true",
-        ]
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        if not (out / f"fold_{k}" / "metrics.json").is_file():
+            run_recipe(
+                "roi_segmentation",
+                data_dir=data,
+                output_dir=out,
+                n_folds=n_folds,
+                fold=k,
+                seed=seed,
+                architecture=architecture,
+            )
     return [json.loads((out / f"fold_{k}" / "metrics.json").read_text()) for k in folds]
 
 
@@ -72,10 +74,10 @@ def rescore(data: Path, out: Path, records: list, folds: list[int]) -> list[dict
     scores = []
     for k, record in zip(folds, records):
         matrices = {fill: np.zeros((2, 2), dtype=np.int64) for fill in (False, True)}
-        segmenters = {fill: RoiSegmenter.from_pretrained(out / f"fold_{k}", fill_holes=fill) for fill in (False, True)}
+        segmenter = RoiSegmenter.from_pretrained(out / f"fold_{k}")
         for image_id in record["validation_images"]:
             image, target = load_pair(samples[image_id], args)
-            logits = segmenters[False].logits(image)  # one forward pass; the two differ only in the filling
+            logits = segmenter.logits(image)  # one forward pass; raw and filled differ only in the filling
             raw = logits.argmax(0).numpy().astype(np.uint8)
             filled = binary_fill_holes(raw > 0).astype(np.uint8)
             matrices[False] += confusion(target, raw, 2)
@@ -89,17 +91,9 @@ def run_classifier(data: Path, out: Path, seed: int, n_folds: int) -> Path:
     """The default classifier's grouped CV (the recipe's real entry point); its CV root."""
     if all((out / f"fold_{k}" / "metrics.json").is_file() for k in range(n_folds)):
         return out
-    command = [
-        sys.executable,
-        str(ROOT / "recipes" / "resnet_scratch.py"),
-        f"--data_dir={data}",
-        f"--output_dir={out}",
-        f"--n_folds={n_folds}",
-        f"--seed={seed}",
-        "--overwrite_output_dir=true",
-        "--disable_tqdm=true",
-    ]
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    run_recipe(
+        "resnet_scratch", data_dir=data, output_dir=out, n_folds=n_folds, seed=seed, overwrite_output_dir="true"
+    )
     return out
 
 
