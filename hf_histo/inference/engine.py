@@ -19,6 +19,7 @@ from PIL import Image
 
 from ..data.images import DataError, load_rgb
 from ..data.patching import PatchBox, PatchingConfig, crop_array, crop_patch
+from ..models.aggregation import AGGREGATIONS as AGGREGATIONS  # re-exported, as TTA_MODES: the app lists them
 from ..models.aggregation import TTA_MODES as TTA_MODES  # re-exported: the app lists the engine's names
 from ..models.aggregation import aggregate, apply_temperature
 from .feed import PixelTransform, read_ahead, stack_patches
