@@ -2,7 +2,8 @@
 
 Run: `python benchmarks/bench_data.py [--data ../shared/data/glas_train] [--repeats 3] [--patches 256]`. For each
 training path (the loader at 224 px with `histo`, `phikon_frozen`'s 128 -> 224 px `histo` loader, the 64 px
-`resnet_scratch` loader, `hf-histo build`) it prints the patches/s of one core, the limit measured in the same run
+`resnet_scratch` loader, `hf-histo build`) it prints, for a GPU run (crop/resize, flips and turns on the batch,
+on the GPU) and for a CPU run (those per patch in the loader), the patches/s of one core, the limit measured in the same run
 (decode + to tensor for a loader; source decode + patch encode for the build), the fraction, the speed-up from 1
 to 2 DataLoader workers / build processes, and the cores needed to feed a ViT-B/16 training at 2,500 img/s (the
 extraction rows, at 8,000 img/s, come from `bench_data_inference.py`). Then raw vs PNG patch storage (build time,
@@ -52,11 +53,13 @@ GLAS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "glas_tr
 GRID_224 = PatchingConfig(strategy="grid", patch_size=224, min_foreground=200)  # `hf-histo build` / DataArguments
 TOPK_128 = PatchingConfig(strategy="topk", patch_size=128, stride=64, top_k=12)  # phikon_frozen
 GRID_224_HALF = PatchingConfig(strategy="grid", patch_size=224, stride=112, min_foreground=200)  # resnet_scratch
-# (name, patching, input side, augment, crop_scale_min, CutMix alpha of the batch row)
+# (name, patching, input side, augment, crop_scale_min, CutMix alpha of the batch row, geometry on the batch)
 LOADERS = [
-    ("training loader, 224 px, histo", GRID_224, 224, "histo", 0.6, 0.0),
-    ("training loader, phikon_frozen (128->224, histo + CutMix)", TOPK_128, 224, "histo", 0.8, 1.0),
-    ("training loader, 64 px resnet_scratch (flips)", GRID_224_HALF, 64, "flips", 0.6, 0.0),
+    ("training loader, 224 px, histo, GPU run (geometry on the batch)", GRID_224, 224, "histo", 0.6, 0.0, True),
+    ("training loader, 224 px, histo, CPU run (geometry per patch)", GRID_224, 224, "histo", 0.6, 0.0, False),
+    ("training loader, phikon_frozen (128->224, histo + CutMix), GPU run", TOPK_128, 224, "histo", 0.8, 1.0, True),
+    ("training loader, 64 px resnet_scratch (flips), GPU run", GRID_224_HALF, 64, "flips", 0.6, 0.0, True),
+    ("training loader, 64 px resnet_scratch (flips), CPU run", GRID_224_HALF, 64, "flips", 0.6, 0.0, False),
 ]
 
 
@@ -120,6 +123,8 @@ def _breakdown(view: datasets.Dataset, augment: PatchAugment, n: int = 64) -> di
     size = [augment.size, augment.size]
 
     def crop_or_resize(i: int) -> torch.Tensor:
+        if augment.geometry_on_batch:  # left to the batch half
+            return tensors[i]
         if augment.augment != "histo":
             return augment._resize(tensors[i])
         box = augment._crop_box(*tensors[i].shape[-2:], iter(torch.rand(40).tolist()))
@@ -139,10 +144,10 @@ def _breakdown(view: datasets.Dataset, augment: PatchAugment, n: int = 64) -> di
 def bench_loaders(data_dir: Path, cache: Path, n_patches: int, repeats: int, mixers: list) -> list[dict]:
     """One row per training loader of `LOADERS`, plus the 0.x per-patch pipeline (PNG storage) as 'before'."""
     rows = []
-    for name, patching, side, augment, crop_min, cutmix in LOADERS:
+    for name, patching, side, augment, crop_min, cutmix, on_batch in LOADERS:
         data = build_patch_dataset(data_dir, patching, val_fraction=0, cache_dir=cache, num_proc=2)[0]["train"]
         subset = data.select(range(min(n_patches, len(data))))
-        patch_augment = build_patch_augment(side, augment, crop_scale=(crop_min, 1.0))
+        patch_augment = build_patch_augment(side, augment, crop_scale=(crop_min, 1.0), geometry_on_batch=on_batch)
         view = subset.with_transform(patch_transform_fn(patch_augment, seed=AugmentationSeed(0)))
         limit_view = subset.with_transform(_decode_only)
         limit = median_of(repeats, loader_rate, limit_view, _gather, 0)
@@ -152,8 +157,8 @@ def bench_loaders(data_dir: Path, cache: Path, n_patches: int, repeats: int, mix
         top = max(costs, key=costs.get)
         decode_ms = 1e3 / limit
         rows.append(row(name, per_core, limit, scaling, f"{top} {costs[top]:.2f} ms (decode {decode_ms:.2f} ms)"))
-        mixers.append((name, side, patch_augment, cutmix))
-        if augment == "histo" and side == 224 and patching is GRID_224:
+        mixers.append((name, side, patch_augment, cutmix, patching.patch_size))
+        if augment == "histo" and side == 224 and patching is GRID_224 and not on_batch:
             png = build_patch_dataset(data_dir, patching, val_fraction=0, cache_dir=cache, patch_format="png")[0]
             png_subset = png["train"].select(range(len(subset)))
             before_view = png_subset.with_transform(patch_transform_fn(build_transforms(side, True, augment)))
@@ -185,9 +190,11 @@ def bench_batch_augment(mixers: list, repeats: int, batch: int = 64) -> list[str
     """Patches/s of the batch half (uint8 -> jitter -> normalise, + CutMix) on one CPU core and on CUDA if present."""
     lines = []
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for name, side, patch_augment, cutmix in mixers:
-        pixels = torch.randint(0, 256, (batch, 3, side, side), dtype=torch.uint8)
-        params = torch.stack([patch_augment(pixels[i])[1] for i in range(batch)]) if patch_augment.jitters else None
+    for name, side, patch_augment, cutmix, patch_size in mixers:
+        stored = patch_size if patch_augment.geometry_on_batch else side  # the patches as decoded, or resized
+        pixels = torch.randint(0, 256, (batch, 3, stored, stored), dtype=torch.uint8)
+        drawn = [patch_augment(pixels[i])[1] for i in range(batch)]
+        params = torch.stack(drawn) if patch_augment.batch_params else None
         mix = build_batch_mixer(4, cutmix_alpha=cutmix)
         for device in devices:
             x, p = pixels.to(device), None if params is None else params.to(device)
@@ -264,7 +271,8 @@ def bench_build(data_dir: Path, root: Path, repeats: int) -> tuple[list[dict], l
         f"faster, disk x{raw['disk'] / png['disk']:.1f} larger -> "
         + (
             "raw pays (the default): it removes the PNG decode that bounds every loader core and the PNG encode that "
-            "bounded the build, for 2x the disk; writing 2x the bytes (serial) caps the build's gain from processes"
+            "bounded the build, for 2x the disk; moving 2x the bytes from the processes to the one writer caps the "
+            "build's gain from processes"
             if pays
             else "raw does not pay here: keep PNG (builder PATCH_FORMATS)"
         )
@@ -319,7 +327,10 @@ def main() -> None:
         print(note)
     print("patch storage in the Arrow cache (GlaS, grid 224 px, one build process):")
     print("\n".join(storage))
-    print("batch augmentation (colour + HED jitter, normalisation, CutMix) after collation, one CPU thread or GPU:")
+    print(
+        "batch augmentation after collation (GPU runs: crop/resize, flips, turns; colour + HED jitter, "
+        "normalisation, CutMix), one CPU thread or GPU:"
+    )
     print("\n".join(batch_lines))
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
 

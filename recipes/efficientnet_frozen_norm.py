@@ -56,7 +56,7 @@ def main(data_args, model_args, training_args):
         data = build_datasets(data_args, seed=training_args.seed)
     labels = data["train"].features["label"].names
     model, processor = build_model(model_args, labels, patching=data_args.patching(), image_size=data_args.image_size)
-    train_dataset, eval_dataset = with_patch_transforms(data, processor, data_args)
+    train_dataset, eval_dataset = with_patch_transforms(data, processor, data_args, device=training_args.device)
 
     trainer = HistoTrainer(
         model=model,

@@ -90,7 +90,7 @@ def main(data_args, model_args, training_args):
         collator = PatchCollator(input_name="embeddings")
     else:
         trainable, collator = model, PatchCollator()
-        train_dataset, eval_dataset = with_patch_transforms(data, processor, data_args)
+        train_dataset, eval_dataset = with_patch_transforms(data, processor, data_args, device=training_args.device)
 
     trainer = HistoTrainer(
         model=trainable,

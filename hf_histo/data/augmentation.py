@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 import torch
-from torch.nn.functional import conv2d
+from torch.nn.functional import affine_grid, conv2d, grid_sample, interpolate
 from torchvision.transforms.v2 import Transform
 from torchvision.transforms.v2 import functional as F
 from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
@@ -17,6 +17,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Jitter parameters, one row per patch: the order of the colour ops (a permutation of 0..3 = brightness,
 # contrast, saturation, hue, as torchvision's ColorJitter), their 4 factors, 3 HED scales, 3 HED shifts.
 N_JITTER_PARAMS = 14
+# With the geometry on the batch, rows start with: crop top, left, height, width (pixels of the stored patch),
+# horizontal flip, vertical flip, quarter turns; the jitter parameters follow.
+N_GEOMETRY_PARAMS = 7
 _CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect-ratio range
 _CROP_TRIES = 10  # as RandomResizedCrop, before falling back to a centre crop
 _UNIFORMS = 4 * _CROP_TRIES + 3 + N_JITTER_PARAMS  # crop tries, flips + turns, jitter
@@ -104,6 +107,55 @@ def color_jitter(images: torch.Tensor, order: torch.Tensor, factors: torch.Tenso
     return out
 
 
+def batch_geometry(images: torch.Tensor, geometry: torch.Tensor, size: int) -> torch.Tensor:
+    """`PatchAugment`'s per-patch geometry on a float batch: crop, resize, flips and quarter turns.
+
+    Crops that are upscaled (the usual case: a crop of the patch back to its size) go through one affine resampling
+    of the whole batch (`grid_sample`, pixel centres placed as `resize` places them), which equals the per-patch
+    `resized_crop` + flips + turns up to the crop's border pixels. Crops that shrink need antialiasing, which
+    `grid_sample` lacks: those rows are cut and resized one by one, as per patch.
+
+    Args:
+        images: `[B, 3, H, W]` float images (one patch size per batch).
+        geometry: `[B, N_GEOMETRY_PARAMS]` rows, as `PatchAugment(geometry_on_batch=True)` draws them.
+        size: Output side.
+
+    Returns:
+        `[B, 3, size, size]` float images.
+    """
+    height, width = images.shape[-2:]
+    g = geometry.to(images.device, torch.float32)
+    top, left, h, w, hflip, vflip, turns = g.unbind(1)
+    if (height, width) != (size, size) and bool(((top == 0) & (left == 0) & (h == height) & (w == width)).all()):
+        # Whole patches (`"flips"`): one antialiased resize of the batch, then the exact flips and turns below.
+        images = interpolate(images, size=[size, size], mode="bilinear", antialias=True, align_corners=False)
+        height = width = size
+        h, w = torch.full_like(h, size), torch.full_like(w, size)
+    # Output -> patch coordinates (normalised, align_corners=False): undo the turns (`rot90` counter-clockwise),
+    # then the flips, then place the crop in the patch.
+    angle = turns.round() * (math.pi / 2)
+    cos, sin = torch.cos(angle).round(), torch.sin(angle).round()
+    fx, fy = 1 - 2 * hflip, 1 - 2 * vflip
+    sx, sy = w / width, h / height
+    theta = torch.stack(
+        (
+            torch.stack((sx * fx * cos, -sx * fx * sin, (2 * left + w) / width - 1), dim=1),
+            torch.stack((sy * fy * sin, sy * fy * cos, (2 * top + h) / height - 1), dim=1),
+        ),
+        dim=1,
+    )
+    grid = affine_grid(theta, [len(images), images.shape[1], size, size], align_corners=False)
+    out = grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    for i in torch.nonzero(torch.maximum(h, w) > size).flatten().tolist():
+        t, x, hh, ww, hf, vf, k = (int(v) for v in geometry[i].tolist())
+        crop = images[i : i + 1, :, t : t + hh, x : x + ww]
+        crop = interpolate(crop, size=[size, size], mode="bilinear", antialias=True, align_corners=False)[0]
+        crop = crop.flip(-1) if hf else crop
+        crop = crop.flip(-2) if vf else crop
+        out[i] = torch.rot90(crop, k, dims=(-2, -1))
+    return out
+
+
 class PatchAugment:
     """The per-patch half of the training augmentation: uint8 `[3, H, W]` -> uint8 `[3, size, size]` on the CPU.
 
@@ -111,6 +163,11 @@ class PatchAugment:
     flip and turn by quarter turns, `"none"` only resizes. For `"histo"` it also draws the patch's colour and HED
     jitter parameters, which `BatchAugment` applies to the collated batch on the training device. All draws come
     from one `torch.Generator` per patch (or torch's global one), so a seeded patch is reproducible anywhere.
+
+    With `geometry_on_batch`, the patch is returned as stored and the crop/flip/turn draws travel with the jitter
+    parameters: `BatchAugment` resamples the whole batch in one op (`batch_geometry`) on the training device. A GPU
+    run then leaves each loader core only the decode; on a CPU the per-patch ops are cheaper. Needs one patch size
+    per batch (the `grid` and `topk` strategies).
 
     Args:
         size: Output side.
@@ -120,6 +177,7 @@ class PatchAugment:
         crop_scale: Area range of the random crop (`"histo"`).
         color_jitter: Brightness/contrast/saturation jitter, hue a fifth of it (`"histo"`; 0 disables).
         hed_jitter: Sigma and bias of the HED stain jitter (`"histo"`; 0 disables).
+        geometry_on_batch: Leave crop, resize, flips and turns to `BatchAugment` (`"histo"` and `"flips"`).
     """
 
     def __init__(
@@ -131,6 +189,7 @@ class PatchAugment:
         crop_scale: tuple[float, float] = (0.6, 1.0),
         color_jitter: float = 0.1,
         hed_jitter: float = 0.05,
+        geometry_on_batch: bool = False,
     ):
         if augment not in AUGMENTATIONS:
             raise ValueError(f"augment={augment!r} is not supported; choose one of {list(AUGMENTATIONS)}")
@@ -141,40 +200,53 @@ class PatchAugment:
         histo = augment == "histo"
         self.color_jitter = float(color_jitter) if histo else 0.0
         self.hed_jitter = float(hed_jitter) if histo else 0.0
+        self.geometry_on_batch = bool(geometry_on_batch) and augment != "none"
 
     @property
     def jitters(self) -> bool:
         """Whether patches carry colour/stain jitter parameters for the batch."""
         return self.color_jitter > 0 or self.hed_jitter > 0
 
+    @property
+    def batch_params(self) -> bool:
+        """Whether patches carry parameters for the batch half (jitter and/or geometry)."""
+        return self.jitters or self.geometry_on_batch
+
     def batch_augment(self) -> BatchAugment:
-        """The matching batch half (jitter + normalisation)."""
-        return BatchAugment(self.mean, self.std, self.color_jitter > 0, self.hed_jitter > 0)
+        """The matching batch half (geometry when on the batch, jitter, normalisation)."""
+        geometry_size = self.size if self.geometry_on_batch else None
+        return BatchAugment(self.mean, self.std, self.color_jitter > 0, self.hed_jitter > 0, geometry_size)
 
     def __call__(
         self, image: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Augment one uint8 `[3, H, W]` patch; returns it (contiguous) and its jitter parameters (or None).
+        """Augment one uint8 `[3, H, W]` patch; returns it and its batch parameters (or None).
 
         A channels-last view of the decoded patch (`to_uint8_tensor`) resizes ~1.5x faster than a contiguous one.
+        With `geometry_on_batch` the patch comes back as given, its geometry first in the parameters.
         """
         if self.augment == "none":
             return self._resize(image).contiguous(), None
         u = iter(torch.rand(_UNIFORMS, dtype=torch.float64, generator=generator).tolist())
+        height, width = image.shape[-2:]
+        box = self._crop_box(height, width, u) if self.augment == "histo" else (0, 0, height, width)
+        hflip, vflip, turns = next(u) < 0.5, next(u) < 0.5, int(next(u) * 4)
+        jitter = self._jitter_params(u) if self.jitters else None
+        if self.geometry_on_batch:
+            geometry = torch.tensor([*box, hflip, vflip, turns], dtype=torch.float32)
+            return image, geometry if jitter is None else torch.cat((geometry, jitter))
         if self.augment == "histo":
-            top, left, h, w = self._crop_box(image.shape[-2], image.shape[-1], u)
-            image = F.resized_crop(image, top, left, h, w, [self.size, self.size], antialias=True)
+            image = F.resized_crop(image, *box, [self.size, self.size], antialias=True)
         else:
             image = self._resize(image)
-        if next(u) < 0.5:
+        if hflip:
             image = image.flip(-1)
-        if next(u) < 0.5:
+        if vflip:
             image = image.flip(-2)
-        turns = int(next(u) * 4)
         if turns:
             image = torch.rot90(image, turns, dims=(-2, -1))
         # Collating strided patches costs more than making them contiguous here (a transpose after odd turns).
-        return image.contiguous(), (self._jitter_params(u) if self.jitters else None)
+        return image.contiguous(), jitter
 
     def _resize(self, image: torch.Tensor) -> torch.Tensor:
         if tuple(image.shape[-2:]) == (self.size, self.size):
@@ -217,7 +289,8 @@ class PatchAugment:
 class BatchAugment:
     """The batch half: uint8 `[B, 3, S, S]` -> jittered (training) and normalised float32, on the batch's device.
 
-    Colour jitter (torchvision's `ColorJitter`, with each patch's op order and factors) then HED stain jitter
+    With `geometry_size`, rows start with `PatchAugment`'s crop/flip/turn draws, applied first (`batch_geometry`);
+    without parameters the batch is then only resized to `geometry_size`. Colour jitter (torchvision's `ColorJitter`, with each patch's op order and factors) then HED stain jitter
     (`HEDJitter`), with the parameters `PatchAugment` drew for each patch; then the normalisation of the eval
     transform. Without parameters it only converts and normalises.
 
@@ -226,10 +299,19 @@ class BatchAugment:
         std: Normalisation std.
         color: Apply the colour jitter of the parameters.
         hed: Apply the HED jitter of the parameters.
+        geometry_size: Output side when the parameters start with the geometry (None: done per patch).
     """
 
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], color: bool = False, hed: bool = False):
+    def __init__(
+        self,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        color: bool = False,
+        hed: bool = False,
+        geometry_size: int | None = None,
+    ):
         self.mean, self.std, self.color, self.hed = tuple(mean), tuple(std), bool(color), bool(hed)
+        self.geometry_size = None if geometry_size is None else int(geometry_size)
         self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, pixel_values: torch.Tensor, params: torch.Tensor | None = None) -> torch.Tensor:
@@ -244,12 +326,21 @@ class BatchAugment:
             )
         mean, std = self._stats[device]
         params = None if params is None else params.to(device, torch.float32)
+        geometry = None
+        if self.geometry_size is not None and params is not None:
+            geometry, params = params[:, :N_GEOMETRY_PARAMS], params[:, N_GEOMETRY_PARAMS:]
+            params = params if params.shape[1] else None
         # On a CPU the jitter of one image at a time stays in cache: 2-6x faster than batch-wide ops on 224 px.
         step = 1 if device.type == "cpu" and params is not None else max(1, len(pixel_values))
         chunks = []
         with torch.autocast(device.type, enabled=False):  # colour maths in float32 under bf16/fp16 training
             for start in range(0, max(1, len(pixel_values)), step):
                 images = pixel_values[start : start + step].float().div_(255)
+                if geometry is not None:
+                    images = batch_geometry(images, geometry[start : start + step], self.geometry_size)
+                elif self.geometry_size is not None and images.shape[-2:] != (self.geometry_size,) * 2:
+                    size = [self.geometry_size] * 2
+                    images = interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
                 if params is not None:
                     rows = params[start : start + step]
                     if self.color:
@@ -260,7 +351,10 @@ class BatchAugment:
         return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
     def __repr__(self) -> str:
-        return f"BatchAugment(mean={self.mean}, std={self.std}, color={self.color}, hed={self.hed})"
+        return (
+            f"BatchAugment(mean={self.mean}, std={self.std}, color={self.color}, hed={self.hed}, "
+            f"geometry_size={self.geometry_size})"
+        )
 
 
 class HEDJitter(Transform):

@@ -17,6 +17,7 @@ from PIL import Image
 # Bump when the selection or cropping of patches changes: it is part of the dataset cache key.
 PATCHING_VERSION = "2"
 STRATEGIES = ("grid", "components", "topk", "whole")
+FIXED_SIZE_STRATEGIES = ("grid", "topk")  # every patch (fallback tile included) is patch_size x patch_size
 EMPTY_FALLBACKS = ("tissue", "whole")
 
 

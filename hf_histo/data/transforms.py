@@ -182,15 +182,19 @@ def build_patch_augment(
     crop_scale: tuple[float, float] = (0.6, 1.0),
     color_jitter: float = 0.1,
     hed_jitter: float = 0.05,
+    geometry_on_batch: bool = False,
 ) -> PatchAugment:
     """The training augmentation of `build_transforms(..., train=True)` split for speed: a `PatchAugment`.
 
     Per patch (DataLoader workers): decode, crop/resize, flips and quarter turns on uint8; per batch, on the
     training device (its `batch_augment()`, which `HistoTrainer` applies): colour and HED jitter, normalisation.
-    The arguments are `build_transforms`'.
+    With `geometry_on_batch` (for GPU runs) the crop/resize, flips and turns move to the batch too. The other
+    arguments are `build_transforms`'.
     """
     spec = input_spec(processor_or_size, mean, std)
-    return PatchAugment(spec.size, augment, spec.mean, spec.std, crop_scale, color_jitter, hed_jitter)
+    return PatchAugment(
+        spec.size, augment, spec.mean, spec.std, crop_scale, color_jitter, hed_jitter, geometry_on_batch
+    )
 
 
 class AugmentationSeed:
@@ -271,7 +275,7 @@ def patch_transform_fn(
                 for i, image in enumerate(images)
             ]
             out = {"pixel_values": [patch for patch, _ in drawn]}
-            if augment.jitters:
+            if augment.batch_params:
                 out["augment_params"] = [params for _, params in drawn]
         if label_column in batch:
             out["labels"] = list(batch[label_column])
@@ -316,6 +320,25 @@ def build_batch_mixer(
     return mix
 
 
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """`torch.stack`, with channels-last `[3, H, W]` views (patches as decoded) stacked as one `[B, H, W, 3]` copy.
+
+    The result is then a channels-last `[B, 3, H, W]` view: the copy stays a memcpy instead of a strided gather.
+    """
+    first = tensors[0] if tensors else None
+    if first is not None and first.dim() == 3 and all(t.shape == first.shape for t in tensors):
+        channels_last = [t.permute(1, 2, 0) for t in tensors]
+        if all(t.is_contiguous() for t in channels_last):
+            return torch.stack(channels_last).permute(0, 3, 1, 2)
+    shapes = sorted({tuple(t.shape) for t in tensors})
+    if len(shapes) > 1:
+        raise ValueError(
+            f"patches of different sizes in one batch ({shapes[:3]}): with the crop and resize on the batch "
+            "(geometry_on_batch), use one patch size (the grid or topk strategy) or geometry_on_batch=False"
+        )
+    return torch.stack(tensors)
+
+
 class PatchCollator:
     """Stack `pixel_values`, `labels` and `augment_params` of a list of rows; optionally mix the batch (CutMix/MixUp).
 
@@ -332,7 +355,7 @@ class PatchCollator:
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Collate rows into a batch dict."""
-        inputs = torch.stack([torch.as_tensor(row[self.input_name]) for row in rows])
+        inputs = _stack([torch.as_tensor(row[self.input_name]) for row in rows])
         batch = {self.input_name: inputs}
         if rows and rows[0].get("augment_params") is not None:
             batch["augment_params"] = torch.stack([row["augment_params"] for row in rows])

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..data.patching import PatchingConfig
+from ..data.patching import FIXED_SIZE_STRATEGIES, PatchingConfig
 from ..data.transforms import (
     AugmentationSeed,
     InputSpec,
@@ -196,13 +196,20 @@ def build_model(
     return model, make_image_processor(spec)
 
 
-def with_patch_transforms(data, processor, data_args: DataArguments, eval_split: str = "validation", seed: int = 0):
+def with_patch_transforms(
+    data, processor, data_args: DataArguments, eval_split: str = "validation", seed: int = 0, device: Any = None
+):
     """Attach the train (augmenting) and eval (deterministic) transforms to the splits.
 
     Training rows carry uint8 patches, cropped, flipped and turned in the DataLoader workers, and their colour /
     stain jitter parameters; `HistoTrainer` jitters and normalises each batch on the training device (the
-    dataset's `batch_augment`, see `build_patch_augment`). The draws are seeded per patch and epoch
-    (`AugmentationSeed`), so resumed runs augment like uninterrupted ones, with any number of workers.
+    dataset's `batch_augment`, see `build_patch_augment`). When that device is a GPU and the patches have one
+    size, the crop, resize, flips and turns move to the batch too, leaving the workers only the decode. The draws
+    are seeded per patch and epoch (`AugmentationSeed`), so resumed runs augment like uninterrupted ones, with any
+    number of workers, and both placements draw the same augmentation.
+
+    Args:
+        device: The training device (`training_args.device`); None counts as the CPU.
 
     Returns:
         `(train_dataset, eval_dataset)`: `with_transform` views producing `pixel_values` and `labels` (and
@@ -216,6 +223,9 @@ def with_patch_transforms(data, processor, data_args: DataArguments, eval_split:
         crop_scale=(data_args.crop_scale_min, 1.0),
         color_jitter=data_args.color_jitter,
         hed_jitter=data_args.hed_jitter,
+        geometry_on_batch=device is not None
+        and torch.device(device).type == "cuda"
+        and data_args.strategy in FIXED_SIZE_STRATEGIES,
     )
     eval_tf = build_transforms(spec, train=False)
     train = data["train"].with_transform(patch_transform_fn(train_tf, seed=AugmentationSeed(seed)))
