@@ -1,7 +1,9 @@
 """Feeding the GPU: batched jitter equals the per-patch augmentation, seeded draws, workers, multi-process builds."""
 
+import os
 import runpy
 import sys
+import time
 from pathlib import Path
 
 import datasets
@@ -274,6 +276,29 @@ def test_two_processes_build_the_same_bytes_in_the_same_order(tmp_path):
         assert len(set(one[split]["image_id"])) >= 2  # each split really was cut by two processes
         assert _stored(one[split]) == _stored(two[split]), split
     assert report_one.images == report_two.images and report_one.splits == report_two.splits
+
+
+def _pid_after(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def test_ordered_map_keeps_the_order_and_this_process_takes_a_share():
+    """2 processes = 1 worker + this one: both compute items, results come in order, early stops cancel."""
+    pool = workers.process_pool(2)
+    try:
+        assert pool._max_workers == 1
+        delays = [0.02 * (i % 3) for i in range(24)]
+        pids = list(workers.ordered_map(_pid_after, delays, pool))
+        assert len(pids) == 24 and os.getpid() in pids and len(set(pids)) == 2
+        squares = list(workers.ordered_map(abs, [-i for i in range(40)], pool))
+        assert squares == list(range(40))
+        stopped = workers.ordered_map(_pid_after, [0.05] * 50, pool)
+        next(stopped)
+        stopped.close()  # stops early: cancels what no worker has started
+    finally:
+        pool.shutdown()
+    assert workers.process_pool(1) is None and list(workers.ordered_map(abs, [-2, 3])) == [2, 3]
 
 
 def test_a_bad_image_met_by_a_worker_process_raises_or_is_skipped_as_in_one(tmp_path):

@@ -54,7 +54,7 @@ def hit(n):
 
 KILL_IN_SPLIT = """
 from hf_histo.data.builder import HistoPatches
-original = HistoPatches._generate_examples
+original = HistoPatches._generate_tables
 
 
 def generate(self, samples, split):
@@ -64,7 +64,7 @@ def generate(self, samples, split):
         yield item
 
 
-HistoPatches._generate_examples = generate
+HistoPatches._generate_tables = generate
 """
 KILL_IN_CHECKPOINT_SAVE = """
 import transformers

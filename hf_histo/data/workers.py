@@ -6,7 +6,7 @@ import multiprocessing
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor
 from typing import Any
 
 MAX_WORKERS = 8  # beyond ~8 loader processes per GPU the gain is small and memory grows with each
@@ -38,31 +38,54 @@ def default_num_proc(limit: int = MAX_WORKERS) -> int:
 
 
 def process_pool(num_proc: int | None) -> ProcessPoolExecutor | None:
-    """A pool of `num_proc` worker processes (forked where the OS can, else spawned); None for 0 or 1 process."""
+    """Worker processes for `num_proc` processes in all: `num_proc - 1` workers, the caller being the last.
+
+    `ordered_map` gives the calling process its share of the items, so `num_proc` processes on `num_proc` CPUs
+    leave none idle and none oversubscribed. Forked where the OS can, else spawned; None for 0 or 1 process.
+    """
     if not num_proc or num_proc < 2:
         return None
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-    return ProcessPoolExecutor(max_workers=num_proc, mp_context=context)
+    return ProcessPoolExecutor(max_workers=num_proc - 1, mp_context=context)
 
 
 def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], pool: Executor | None = None) -> Iterator[Any]:
-    """`map(fn, items)` computed in `pool` (this process when None), yielded in the order of `items`.
+    """`map(fn, items)` computed by `pool`'s workers and this process, yielded in the order of `items`.
 
-    At most 4 items per worker are in flight, so a slow consumer does not pile results up in memory; `fn` and
-    the items must pickle. Stopping early cancels the items not started yet.
+    Whenever the next result is not ready, this process computes the newest queued item that no worker has
+    started, instead of waiting; so it takes the share of the work its own writing leaves it time for. At most
+    4 items per worker are queued, so a slow consumer does not pile results up in memory; `fn` and the items must
+    pickle. Stopping early cancels the items not started yet.
     """
     if pool is None:
         yield from map(fn, items)
         return
-    ahead = 4 * getattr(pool, "_max_workers", 1)
-    pending: deque[Future] = deque()
+    ahead = 4 * getattr(pool, "_max_workers", 1) + 1
+    pending: deque[list[Any]] = deque()  # [future, item] in the order of `items`; [None, result] when done here
     try:
         for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= ahead:
-                yield pending.popleft().result()
+            pending.append([pool.submit(fn, item), item])
+            while len(pending) >= ahead:
+                yield _next_result(fn, pending)
         while pending:
-            yield pending.popleft().result()
+            yield _next_result(fn, pending)
     finally:
-        for future in pending:
-            future.cancel()
+        for future, _ in pending:
+            if future is not None:
+                future.cancel()
+
+
+def _next_result(fn: Callable[[Any], Any], pending: deque[list[Any]]) -> Any:
+    """Pop the first result of `ordered_map`'s queue, computing unstarted later items here while it is not ready."""
+    while True:
+        future, value = pending[0]
+        if future is None or future.done():
+            pending.popleft()
+            return value if future is None else future.result()
+        for entry in reversed(pending):
+            if entry[0] is not None and entry[0].cancel():  # no worker has started it: compute it here
+                entry[:] = [None, fn(entry[1])]
+                break
+        else:  # every queued item is running or done: wait for the first
+            pending.popleft()
+            return future.result()
