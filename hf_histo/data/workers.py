@@ -33,7 +33,7 @@ def default_num_workers(limit: int = MAX_WORKERS) -> int:
 
 
 def default_num_proc(limit: int = MAX_WORKERS) -> int:
-    """Processes building a patch dataset: every available CPU (the main process only waits), at most `limit`."""
+    """Processes building a patch dataset: every available CPU (the main process is one of them), at most `limit`."""
     return max(1, min(available_cpus(), limit))
 
 
