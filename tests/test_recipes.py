@@ -10,8 +10,10 @@ import pytest
 
 from hf_histo.data.synthetic import make_synthetic_dataset
 from hf_histo.hub import REQUIRED_FILES, HubUnavailableError, hub_upload_files
+from hf_histo.inference.calibration import uncalibrated
 from hf_histo.inference.evaluate import evaluate_model
 from hf_histo.inference.pipeline import TASK
+from hf_histo.inference.results import ImageLevelResult
 from hf_histo.models.ensemble import FoldEnsemble
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
@@ -151,6 +153,23 @@ def test_cross_validation_and_evaluate_the_fold_ensemble(demo_data, tmp_path):
     assert len(FoldEnsemble.from_pretrained(out).models) == 2
     result = evaluate_model(out, data_dir, tmp_path / "ensemble.json", progress=False)
     assert KEYS <= set(result.metrics) and result.n_images == 12
+    # The model to ship: all labelled images, no checkpoint selection; its card reports the CV figures.
+    final = tmp_path / "final"
+    data = ("--demo", "--data_dir", str(data_dir), "--cache_dir", str(cache), "--patch_size", "64", "--stride", "64")
+    run_recipe(
+        "resnet_scratch", *data, "--output_dir", str(final), "--val_fraction", "0", "--cv_results", str(out), *FAST
+    )
+    card = (final / "README.md").read_text()
+    splits = json.loads((final / "splits.json").read_text())
+    assert len(splits["train"]) == 12 and not splits.get("validation") and not (final / "metrics.json").exists()
+    oof = ImageLevelResult.from_dict(summary["oof"])
+    assert "out-of-fold figures of the cross-validation run `cv`" in card and summary["image_macro_f1"] in card
+    assert f"{uncalibrated(oof).metrics['macro_f1']:.3f}" in card and "out_of_fold" in card
+    bare = tmp_path / "final_without_cv"
+    run_recipe("resnet_scratch", *data, "--output_dir", str(bare), "--val_fraction", "0", *FAST)
+    assert "no held-out figure of its own" in (bare / "README.md").read_text()
+    with pytest.raises(ValueError, match="no cv_metrics.json there"):
+        run_recipe("resnet_scratch", *data, "--output_dir", str(bare), "--cv_results", str(tmp_path), *FAST)
 
 
 def test_whole_image_strategy(demo_data, tmp_path):

@@ -30,6 +30,7 @@ _DATA_FACTS = (
     ("n_images", "Images"),
     ("n_patches", "Patches"),
     ("class_counts", "Images per class"),
+    ("final_fit", "Trained on"),
     ("cleaning", "Cleaning"),
     ("notes", "Notes"),
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from collections.abc import Mapping, Sequence
@@ -15,6 +16,8 @@ from ..inference.results import ImageLevelResult
 from .bundle import bundle_code, set_remote_code_config
 from .card import PLOTS_DIR, write_model_card
 from .upload import push_folder_to_hub
+
+logger = logging.getLogger(__name__)
 
 # What a Space running the folder's app.py installs; floors as in pyproject.toml (tests/test_app.py checks they agree).
 SPACE_REQUIREMENTS = (
@@ -192,6 +195,7 @@ def save_run(
     Raises:
         HubUnavailableError: `--push_to_hub` was given but the Hub cannot be reached; the folder is complete on disk.
     """
+    from ..training.cross_validation import load_cv_result
     from ..training.finalize import final_files
     from ..training.trainer import final_model
 
@@ -199,6 +203,13 @@ def save_run(
     output_dir = Path(output_dir or args.output_dir)
     repo_id = getattr(args, "hub_model_id", None)
     model = final_model(trainer)
+    data_info = dict(data_info if data_info is not None else run_data_info(trainer.train_dataset, run))
+    if result is None:  # no validation split: the model to ship, trained on all labelled images (a "final fit")
+        data_info["final_fit"] = _final_fit_fact(model, getattr(args, "cv_results", None))
+        if getattr(args, "cv_results", None):
+            result = load_cv_result(args.cv_results, list(model.config.id2label.values()))[0]
+    elif getattr(args, "cv_results", None):
+        logger.warning("--cv_results %s ignored: the card reports this run's validation images", args.cv_results)
     if trainer.is_world_process_zero():
         # Into the staging folder where finalize_run(save_model=False) left metrics, splits and plots: all are
         # published together.
@@ -209,7 +220,7 @@ def save_run(
                 trainer.processing_class,
                 result,
                 args,
-                data_info if data_info is not None else run_data_info(trainer.train_dataset, run),
+                data_info,
                 [
                     staging / name
                     for name in ("confusion_matrix.png", "reliability_diagram.png", "training_curves.png")
@@ -217,6 +228,7 @@ def save_run(
                 ],
                 repo_id,
                 license,
+                None if result is None else result.split,
             )
     trainer.accelerator.wait_for_everyone()
     if getattr(args, "push_final_to_hub", False):
@@ -228,6 +240,18 @@ def save_run(
             is_main_process=trainer.is_world_process_zero(),
         )
     return output_dir
+
+
+def _final_fit_fact(model: Any, cv_results: str | None) -> str:
+    """The card's "Final fit" line: what the model trained on, and where its figures come from."""
+    from ..training.cross_validation import load_cv_result
+
+    if cv_results:
+        return load_cv_result(cv_results, list(model.config.id2label.values()))[1]
+    return (
+        "all labelled images (no validation split), so this card has no held-out figure of its own: pass "
+        "`--cv_results` with the output folder of the same recipe's `--n_folds` run to report its out-of-fold figures"
+    )
 
 
 def run_data_info(train_dataset: Any, run: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -59,11 +59,7 @@ class DataArguments:
         default=None, metadata={"help": "Force the folder layout: challenge, table, class_folders or manifest."}
     )
     on_error: str = field(
-        default="raise",
-        metadata={
-            "help": "A bad image or data row: stop at the first, naming it (raise), or leave it out of the patch "
-            "dataset and list it (skip)."
-        },
+        default="raise", metadata={"help": "A bad image or data row: stop, naming it (raise), or leave it out (skip)."}
     )
     resize_masks: bool = field(
         default=False, metadata={"help": "Resize masks whose size differs from their image (else an error)."}
@@ -258,6 +254,13 @@ class HistoTrainingArguments(TrainingArguments):
             "--no_calibrate: none."
         },
     )
+    cv_results: str | None = field(
+        default=None,
+        metadata={
+            "help": "With --val_fraction 0 (the model you ship, trained on all images): the --output_dir of this "
+            "recipe's --n_folds run on the same data, whose out-of-fold figures the model card reports."
+        },
+    )
     mil_epochs: int = field(default=40, metadata={"help": "Epochs of the attention-MIL head over the train images."})
     mil_learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the attention-MIL head."})
     mil_weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay of the attention-MIL head."})
@@ -288,11 +291,7 @@ class HistoTrainingArguments(TrainingArguments):
     )
     report_to: None | str | list[str] = field(default="none", metadata={"help": "Experiment trackers."})
     push_to_hub: bool = field(
-        default=False,
-        metadata={
-            "help": "Upload the final Hub-ready folder (weights, processor, code, card, plots) to --hub_model_id "
-            "once, from the main process, at the end of the run (checkpoints are not pushed)."
-        },
+        default=False, metadata={"help": "Upload the final Hub-ready folder to --hub_model_id once, at the end."}
     )
     push_final_to_hub: bool = field(default=False, init=False, repr=False)
     overwrite_output_dir: bool = field(
@@ -305,6 +304,10 @@ class HistoTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        if self.cv_results:  # checked now, not after the training
+            from .cross_validation import cv_metrics_file
+
+            cv_metrics_file(self.cv_results)
         _check("optim_name", self.optim_name, OPTIMIZERS)
         _check("loss", self.loss, LOSSES)
         _check("tta", self.tta, TTA_MODES)

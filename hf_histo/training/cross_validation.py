@@ -230,3 +230,47 @@ def run_cross_validation(
             summary["oof"]["metrics"]["macro_f1"],
         )
     return summary
+
+
+def cv_metrics_file(path: str | Path) -> Path:
+    """The `cv_metrics.json` of a cross-validation run's folder (or the file itself); `ValueError` naming the fix."""
+    path = Path(path)
+    file = path / "cv_metrics.json" if path.is_dir() else path
+    if not file.is_file():
+        raise ValueError(
+            f"--cv_results {path}: no cv_metrics.json there; pass the --output_dir of a run with --n_folds "
+            "(same recipe and data) once it has finished"
+        )
+    return file
+
+
+def load_cv_result(path: str | Path, labels: Sequence[str]) -> tuple[ImageLevelResult, str]:
+    """The out-of-fold result of a cross-validation run, for the card of a model trained on all images.
+
+    Args:
+        path: The CV run's output folder (or its `cv_metrics.json`).
+        labels: The final model's class names; the CV run must have the same ones, in the same order.
+
+    Returns:
+        `(result, fact)`: the out-of-fold `ImageLevelResult` (split `"out_of_fold"`, without the CV's temperature)
+        and a sentence for the card.
+
+    Raises:
+        ValueError: No `cv_metrics.json` there, or other classes than the final model's.
+    """
+    file = cv_metrics_file(path)
+    summary = json.loads(file.read_text())
+    if list(summary["labels"]) != list(labels):
+        raise ValueError(
+            f"--cv_results {file}: its classes {summary['labels']} are not this model's {list(labels)}; "
+            "pass the cross-validation of the same data"
+        )
+    # The final model is not temperature-scaled (no validation images): its card shows the raw probabilities' scores.
+    result = uncalibrated(ImageLevelResult.from_dict(summary["oof"]))
+    result.split = "out_of_fold"
+    fact = (
+        f"all labelled images (no validation split); the results below are the out-of-fold figures of the "
+        f"cross-validation run `{file.parent.name}` ({summary['n_folds']} grouped folds, image macro-F1 "
+        f"{summary['image_macro_f1']}, mean ± std over folds)"
+    )
+    return result, fact
