@@ -46,14 +46,14 @@ TASKS = {"binary": SHARED / "glas_train", "grade5": SHARED / "glas_train_grade5.
 AGGREGATIONS = ("soft", "attention")
 
 
-def run_cv(data: Path, out: Path, seed: int, n_folds: int) -> dict:
-    """Run (or finish) the recipe's grouped CV with `--aggregation attention`; the CV summary."""
+def run_cv(data: Path, out: Path, seed: int, n_folds: int, *flags: str) -> dict:
+    """Run (or finish) `resnet_scratch.py`'s grouped CV with extra `flags`; the CV summary (`cv_metrics.json`)."""
     argv = [
         f"--data_dir={data}",
         f"--output_dir={out}",
         f"--n_folds={n_folds}",
         f"--seed={seed}",
-        "--aggregation=attention",
+        *flags,
         "--overwrite_output_dir=true",  # a fold killed mid-way restarts; finished folds are skipped below
         "--report_to=none",
         "--disable_tqdm=true",
@@ -157,7 +157,7 @@ def main_bench() -> None:
         for seed in args.seeds:
             out = args.out / task / f"seed{seed}"
             start = time.perf_counter()
-            cv = run_cv(TASKS[task], out, seed, args.n_folds)
+            cv = run_cv(TASKS[task], out, seed, args.n_folds, "--aggregation=attention")
             scored = score_folds(TASKS[task], out, args.n_folds)
             print(f"{task} seed {seed}: CV + scoring {time.perf_counter() - start:.0f} s", flush=True)
             runs.append((seed, cv, scored))
