@@ -195,7 +195,6 @@ def save_run(
     Raises:
         HubUnavailableError: `--push_to_hub` was given but the Hub cannot be reached; the folder is complete on disk.
     """
-    from ..training.cross_validation import load_cv_result
     from ..training.finalize import final_files
     from ..training.trainer import final_model
 
@@ -205,9 +204,7 @@ def save_run(
     model = final_model(trainer)
     data_info = dict(data_info if data_info is not None else run_data_info(trainer.train_dataset, run))
     if result is None:  # no validation split: the model to ship, trained on all labelled images (a "final fit")
-        data_info["final_fit"] = _final_fit_fact(model, getattr(args, "cv_results", None))
-        if getattr(args, "cv_results", None):
-            result = load_cv_result(args.cv_results, list(model.config.id2label.values()))[0]
+        result, data_info["final_fit"] = _final_fit(model, getattr(args, "cv_results", None))
     elif getattr(args, "cv_results", None):
         logger.warning("--cv_results %s ignored: the card reports this run's validation images", args.cv_results)
     if trainer.is_world_process_zero():
@@ -242,13 +239,13 @@ def save_run(
     return output_dir
 
 
-def _final_fit_fact(model: Any, cv_results: str | None) -> str:
-    """The card's "Final fit" line: what the model trained on, and where its figures come from."""
+def _final_fit(model: Any, cv_results: str | None) -> tuple[ImageLevelResult | None, str]:
+    """The card's result and "Trained on" line for a model trained on all images: the CV's out-of-fold figures."""
     from ..training.cross_validation import load_cv_result
 
     if cv_results:
-        return load_cv_result(cv_results, list(model.config.id2label.values()))[1]
-    return (
+        return load_cv_result(cv_results, list(model.config.id2label.values()))
+    return None, (
         "all labelled images (no validation split), so this card has no held-out figure of its own: pass "
         "`--cv_results` with the output folder of the same recipe's `--n_folds` run to report its out-of-fold figures"
     )
