@@ -221,6 +221,7 @@ def _build_limit(data_dir: Path, patching: PatchingConfig, patch_format: str) ->
 def _build(data_dir: Path, root: Path, num_proc: int, patch_format: str = "raw") -> tuple:
     """Patches/s of one fresh build, its patch count, train split and bytes on disk."""
     cache = Path(tempfile.mkdtemp(dir=root))
+    os.sync()  # every build starts with no dirty pages of the last one to write back (a 2-core VM's disk is slow)
     start = time.perf_counter()
     data, report = build_patch_dataset(
         data_dir, GRID_224, val_fraction=0.1, seed=42, cache_dir=cache, num_proc=num_proc, patch_format=patch_format
@@ -271,8 +272,7 @@ def bench_build(data_dir: Path, root: Path, repeats: int) -> tuple[list[dict], l
         f"faster, disk x{raw['disk'] / png['disk']:.1f} larger -> "
         + (
             "raw pays (the default): it removes the PNG decode that bounds every loader core and the PNG encode that "
-            "bounded the build, for 2x the disk; moving 2x the bytes from the processes to the one writer caps the "
-            "build's gain from processes"
+            "bounded the build, for 2x the disk (worker processes hand the bytes to the one writer in shared memory)"
             if pays
             else "raw does not pay here: keep PNG (builder PATCH_FORMATS)"
         )

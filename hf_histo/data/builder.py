@@ -18,14 +18,13 @@ from typing import Any
 import datasets
 import pyarrow as pa
 from datasets.exceptions import DatasetGenerationError
-from PIL import Image
 
 from .build_report import BuildReport
+from .cutting import CutImage, cut_sample, decode_sample, prepare_sharing
 from .fingerprint import dataset_fingerprint
-from .images import DataError, load_image
-from .masks import resolve_mask
+from .images import DataError
 from .patch_storage import check_patch_format, encode_patch, patch_features
-from .patching import STRATEGIES, PatchBox, PatchingConfig, crop_patch
+from .patching import STRATEGIES, PatchingConfig
 from .sources import Sample, SampleSet, read_samples
 from .splits import split_samples
 from .workers import ordered_map, process_pool
@@ -45,7 +44,6 @@ __all__ = [
 
 REPORT_NAME = "build_report.json"
 _RECORDS_DIR = "hf_histo_records"
-_Cut = tuple[list[tuple[PatchBox, bytes]], str, bool]  # a sample's (box, encoded patch) list, mask source, fallback
 
 
 @dataclass
@@ -173,7 +171,7 @@ class HistoPatches(datasets.ArrowBasedBuilder):
         good = []
         for sample in samples:
             try:
-                _decode(self.config, sample)
+                decode_sample(sample, self.config.patching, self.config.resize_masks, self.config.max_image_pixels)
             except DataError as e:
                 logger.warning("skipping %s", e)
                 error = [str(sample.image_path), str(e)]
@@ -196,15 +194,17 @@ class HistoPatches(datasets.ArrowBasedBuilder):
             if samples
         ]
 
-    def _patches(self, sample: Sample) -> _Cut | DataError:
-        return _cut_patches(self.config, sample)  # in this process; worker processes run `_cut_patches` itself
+    def _patches(self, sample: Sample, share: bool = False) -> CutImage | DataError:
+        c = self.config
+        return cut_sample(sample, c.patching, c.patch_format, c.resize_masks, c.max_image_pixels, share)
 
     def _generate_tables(self, samples: list[Sample], split: str) -> Iterator[tuple[str, pa.Table]]:
         schema = self.info.features.arrow_schema
         label_names = self.info.features["label"].names
         records = []
-        cut = functools.partial(_cut_patches, self.config) if self._pool else self._patches  # a method pickles badly
-        for sample, result in zip(samples, ordered_map(cut, samples, self._pool)):
+        c = self.config  # worker processes run `cut_sample` itself (a method pickles badly) and share their patches
+        cut = functools.partial(cut_sample, **_cut_options(c), share=True) if self._pool else self._patches
+        for sample, result in zip(samples, ordered_map(cut, samples, self._pool, _release, self._patches)):
             if isinstance(result, DataError):
                 if self.config.on_error != "skip":
                     raise result
@@ -213,15 +213,14 @@ class HistoPatches(datasets.ArrowBasedBuilder):
                 records.append({"image_id": sample.image_id, "split": split, "error": error})
                 continue
             label = label_names.index(sample.label) if sample.label in label_names else -1
-            patches, source, fell_back = result
-            n = len(patches)
+            n = len(result.boxes)
             columns = {  # one Arrow table per image, built by column: no per-row Python work in the writer
-                "image": [{"bytes": patch, "path": None} for _, patch in patches],
+                "image": result.image_column(schema.field("image").type),
                 "label": [label] * n,
                 "image_id": [sample.image_id] * n,
                 "group_id": [sample.group_id] * n,
-                "bbox": [[box.x, box.y, box.w, box.h] for box, _ in patches],
-                "foreground": [box.fraction for box, _ in patches],
+                "bbox": [[box.x, box.y, box.w, box.h] for box in result.boxes],
+                "foreground": [box.fraction for box in result.boxes],
                 "patch_index": list(range(n)),
             }
             if n:
@@ -231,9 +230,9 @@ class HistoPatches(datasets.ArrowBasedBuilder):
                     "image_id": sample.image_id,
                     "group_id": sample.group_id,
                     "split": split,
-                    "patches": len(patches),
-                    "mask_source": source,
-                    "fallback": fell_back,
+                    "patches": n,
+                    "mask_source": result.source,
+                    "fallback": result.fell_back,
                 }
             )
         # One file per split (datasets' generator jobs could run in other processes); merged after preparation.
@@ -271,7 +270,10 @@ class HistoPatches(datasets.ArrowBasedBuilder):
         shutil.rmtree(output_dir / _RECORDS_DIR, ignore_errors=True)
         # num_proc cuts patches in one pool of processes feeding one writer (`_generate_tables`), not datasets'
         # pool per split: the same rows in the same order as one process, without a pool start-up per split.
-        self._pool = process_pool(kwargs.pop("num_proc", None))
+        num_proc = kwargs.pop("num_proc", None)
+        if num_proc and num_proc > 1:
+            prepare_sharing()
+        self._pool = process_pool(num_proc)
         try:
             super()._download_and_prepare(dl_manager, verification_mode, **kwargs)
         finally:
@@ -291,25 +293,15 @@ class HistoPatches(datasets.ArrowBasedBuilder):
         (output_dir / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=1))
 
 
-def _decode(c: HistoPatchesConfig, sample: Sample) -> tuple[Image.Image, Any, str]:
-    """The sample's RGB image, its mask (an array) and where the mask came from; raises ``DataError``."""
-    image = load_image(sample.image_path, c.max_image_pixels)
-    mask, source = resolve_mask(
-        image, sample.mask_path, c.patching.empty_fallback, c.resize_masks, sample.image_path, c.max_image_pixels
-    )
-    return image, mask, source
+def _cut_options(c: HistoPatchesConfig) -> dict[str, Any]:
+    """`cut_sample`'s options from a builder config."""
+    options = ("patching", "patch_format", "resize_masks", "max_image_pixels")
+    return {name: getattr(c, name) for name in options}
 
 
-def _cut_patches(config: HistoPatchesConfig, sample: Sample) -> _Cut | DataError:
-    """A sample's encoded patches with their boxes, its mask source and fallback flag; or its ``DataError``."""
-    try:
-        image, mask, source = _decode(config, sample)
-    except DataError as e:
-        return e  # returned, not raised: the caller decides (on_error), in whichever process this ran
-    boxes, fell_back = config.patching.boxes_with_fallback(mask)
-    paint = config.patching.paint_background
-    patches = [(box, encode_patch(crop_patch(image, box, mask, paint), config.patch_format)) for box in boxes]
-    return patches, source, fell_back
+def _release(result: CutImage | DataError) -> None:
+    if isinstance(result, CutImage):
+        result.release()
 
 
 def _unwrap_data_error(error: BaseException) -> DataError | None:
