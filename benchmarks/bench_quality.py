@@ -1,7 +1,7 @@
 """The recipe's defaults against a hand-written peer and whole images, on the same repeated patient-grouped folds.
 
 Run: `python benchmarks/bench_quality.py [--out runs/bench_quality] [--tasks binary grade5] [--seeds 0 1]
-[--n_folds 5] [--methods recipe peer whole]`.
+[--n_folds 5] [--methods recipe peer whole] [--recipe_flags="--image_size=112 ..."]`.
 
 For each task (GlaS benign/malignant, `../shared/data/glas_train`; the same images' 5-class grade,
 `../shared/data/glas_train_grade5.csv`) and seed, on the folds of `hf_histo.data.splits.split_samples` (the ones
@@ -201,6 +201,12 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="(default: all)")
     parser.add_argument("--whole_epochs", type=int, default=60, help="epochs of (c) (default: 60)")
     parser.add_argument("--peer_epochs", type=int, default=12, help="epochs of (b) (default: 12, the issue's peer)")
+    parser.add_argument(
+        "--recipe_flags",
+        type=str.split,
+        default=[],
+        help='recipe flags for (a): a candidate default, in its own folder (--recipe_flags="--image_size=112 ...")',
+    )
     args = parser.parse_args()
     for task in args.tasks:
         if not TASKS[task].exists():
@@ -211,7 +217,10 @@ def main() -> None:
             labels, folds = folds_of(TASKS[task], seed, args.n_folds)
             root = args.out / task / f"seed{seed}"
             if "recipe" in table:
-                table["recipe"][seed] = recipe_folds(TASKS[task], root / "recipe", seed, args.n_folds, folds)
+                name = "_".join(["recipe", *(f.lstrip("-").replace("=", "-") for f in args.recipe_flags)])
+                table["recipe"][seed] = recipe_folds(
+                    TASKS[task], root / name, seed, args.n_folds, folds, *args.recipe_flags
+                )
             if "peer" in table:
                 table["peer"][seed] = peer_folds(
                     root / f"peer{args.peer_epochs}", labels, folds, seed, args.peer_epochs
