@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hf_histo.data import builder
+from hf_histo.data import cutting
 from hf_histo.data.images import DataError, array_to_rgb, load_image, load_rgb, open_image, to_uint8
 from hf_histo.inference import engine
 
@@ -136,7 +136,7 @@ def test_every_decode_path_gives_the_same_rgb_pixels(tmp_path, name, write):
 
 
 def test_the_builder_and_the_engine_share_the_decode():
-    assert builder.load_image is load_image
+    assert cutting.load_image is load_image  # the builder cuts its patches through `cutting`
     assert engine.load_rgb is load_rgb
 
 
