@@ -194,16 +194,15 @@ class HistoPatches(datasets.ArrowBasedBuilder):
             if samples
         ]
 
-    def _patches(self, sample: Sample, share: bool = False) -> CutImage | DataError:
-        c = self.config
-        return cut_sample(sample, c.patching, c.patch_format, c.resize_masks, c.max_image_pixels, share)
+    def _patches(self, sample: Sample) -> CutImage | DataError:
+        return cut_sample(sample, **_cut_options(self.config))  # in this process: nothing to share
 
     def _generate_tables(self, samples: list[Sample], split: str) -> Iterator[tuple[str, pa.Table]]:
         schema = self.info.features.arrow_schema
         label_names = self.info.features["label"].names
         records = []
-        c = self.config  # worker processes run `cut_sample` itself (a method pickles badly) and share their patches
-        cut = functools.partial(cut_sample, **_cut_options(c), share=True) if self._pool else self._patches
+        # worker processes run `cut_sample` itself (a method pickles badly) and share their patches
+        cut = functools.partial(cut_sample, **_cut_options(self.config), share=True) if self._pool else self._patches
         for sample, result in zip(samples, ordered_map(cut, samples, self._pool, _release, self._patches)):
             if isinstance(result, DataError):
                 if self.config.on_error != "skip":

@@ -26,7 +26,7 @@ class CutImage:
     """One image's encoded patches, concatenated in one buffer, with their boxes and how its mask was resolved.
 
     A worker process moves the buffer into shared memory (`share`) so that only its name and the sizes travel
-    through the pool's pipe; the writing process copies it out once (`take`). Pickling the patches through the
+    through the pool's pipe; the writing process reads it in place (`take`). Pickling the patches through the
     pipe cost ~0.3 s per 130 MB of raw patches on GlaS, a fifth of a 2-process build.
 
     Attributes:
@@ -76,10 +76,11 @@ class CutImage:
         block = shared_memory.SharedMemory(name=self.shared)
         block.unlink()
         self.shared = None
-        view = np.frombuffer(block.buf, dtype=np.uint8, count=sum(self.sizes))
+        size = sum(self.sizes)
+        view = np.frombuffer(block.buf, dtype=np.uint8, count=size)
         address = view.ctypes.data
         del view  # no buffer export may outlive this call: the block closes its mapping when it is collected
-        return pa.foreign_buffer(address, sum(self.sizes), base=block)
+        return pa.foreign_buffer(address, size, base=block)
 
     def release(self) -> None:
         """Free the shared memory of a result that will not be written (a stopped build)."""
