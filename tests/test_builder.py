@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 from test_sources import make_challenge, make_table, mask_image, tissue_image
 
+from hf_histo.data import cutting
 from hf_histo.data.builder import REPORT_NAME, HistoPatches, build_patch_dataset, load_patch_dataset
 from hf_histo.data.images import DataError
 from hf_histo.data.patching import PatchingConfig
@@ -78,8 +79,8 @@ def test_second_call_loads_the_cache_and_changes_rebuild(tmp_path, monkeypatch):
     assert not report.cached
 
     calls = []
-    original = HistoPatches._patches
-    monkeypatch.setattr(HistoPatches, "_patches", lambda self, s: calls.append(s.image_id) or original(self, s))
+    original = cutting.cut_sample
+    monkeypatch.setattr(cutting, "cut_sample", lambda s, **kw: calls.append(s.image_id) or original(s, **kw))
     second, report2 = build_patch_dataset(root, SMALL, **kwargs)
     assert report2.cached and calls == []
     assert second["train"].cache_files == first["train"].cache_files

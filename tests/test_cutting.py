@@ -2,6 +2,7 @@
 
 import errno
 import os
+import pickle
 import time
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from hf_histo.data.builder import build_patch_dataset
 from hf_histo.data.cutting import CutImage
 from hf_histo.data.patch_storage import patch_features
 from hf_histo.data.patching import PatchBox, PatchingConfig
+from hf_histo.data.sources import read_samples
 
 IMAGE_TYPE = patch_features(["a", "b"]).arrow_schema.field("image").type
 PATCHES = [b"abc", b"", b"defgh", b"i" * 40, b"j"]
@@ -57,10 +59,10 @@ def test_patches_beyond_one_arrow_chunk_are_split_between_patches(monkeypatch):
 
 
 def test_a_full_shared_memory_sends_the_bytes_through_the_pipe(monkeypatch):
-    def full(fd: int, offset: int, length: int) -> None:
+    def full(fd: int, data: bytes, offset: int) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    monkeypatch.setattr(os, "pwrite", full)
     before = _blocks()
     cut = _cut(PATCHES).share()
     assert cut.shared is None and cut.data == b"".join(PATCHES) and _blocks() == before
@@ -106,4 +108,34 @@ def test_a_two_process_build_leaves_no_shared_memory(tmp_path):
     assert len(data["train"]) == sum(report.n_patches.values()) > 8
     if not SHM.is_dir():
         pytest.skip("no /dev/shm to inspect on this OS")
+    assert _blocks() == before
+
+
+def test_a_cut_held_in_a_buffer_view_pickles_through_the_pipe(monkeypatch):
+    monkeypatch.setattr(os, "pwrite", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    cut = _cut(PATCHES)
+    cut.data = memoryview(bytearray(cut.data))  # what cut_sample hands over: its encoding buffer, not a copy
+    cut.share()
+    assert isinstance(cut.data, bytes)
+    assert _column_bytes(pickle.loads(pickle.dumps(cut))) == PATCHES
+
+
+def test_one_cutter_cuts_every_split_in_order_and_frees_what_a_stop_leaves(tmp_path):
+    root = make_table(tmp_path / "data", [(f"im{i:02d}.png", "ab"[i % 2], f"p{i}") for i in range(9)])
+    samples = read_samples(root).samples
+    splits = [samples[:5], samples[5:7], samples[7:]]
+    options = {"patching": PatchingConfig(strategy="grid", patch_size=24, stride=16), "patch_format": "raw"}
+    expected = [_column_bytes(cutting.cut_sample(s, **options)) for s in samples]
+    before, pool = _blocks(), workers.process_pool(2)
+    try:
+        cutting.prepare_sharing()
+        cutter = cutting.SplitCutter(splits, options, pool)
+        assert not cutter.expects(splits[1])
+        got = [_column_bytes(cut) for split in splits[:2] for cut in cutter.cut(split)]
+        with pytest.raises(ValueError, match="not the next split"):
+            next(cutter.cut(splits[0]))
+        cutter.close()  # the third split, cut ahead, is never written
+    finally:
+        pool.shutdown()
+    assert got == expected[:7]
     assert _blocks() == before

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import shutil
@@ -20,14 +19,14 @@ import pyarrow as pa
 from datasets.exceptions import DatasetGenerationError
 
 from .build_report import BuildReport
-from .cutting import CutImage, cut_sample, decode_sample, prepare_sharing
+from .cutting import SplitCutter, decode_sample, prepare_sharing
 from .fingerprint import dataset_fingerprint
 from .images import DataError
 from .patch_storage import check_patch_format, encode_patch, patch_features
 from .patching import STRATEGIES, PatchingConfig
 from .sources import Sample, SampleSet, read_samples
 from .splits import split_samples
-from .workers import ordered_map, process_pool
+from .workers import process_pool
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +140,7 @@ class HistoPatches(datasets.ArrowBasedBuilder):
         self._sample_set = sample_set
         self._unreadable: list[dict[str, Any]] = []  # skip records of files that did not decode (on_error="skip")
         self._pool: Executor | None = None  # processes cutting patches (download_and_prepare's num_proc)
+        self._cutter: SplitCutter | None = None  # cuts every split's samples in the order they are written
         kwargs.setdefault("dataset_name", "histo_patches")
         super().__init__(*args, **kwargs)
 
@@ -188,22 +188,23 @@ class HistoPatches(datasets.ArrowBasedBuilder):
             train, test = self._readable(train), self._readable(test)
         train, validation = split_samples(train, c.val_fraction, c.seed, c.n_folds, c.fold)
         splits = [(datasets.Split.TRAIN, train), (datasets.Split.VALIDATION, validation), (datasets.Split.TEST, test)]
+        splits = [(name, samples) for name, samples in splits if samples]
+        if self._cutter is not None:
+            self._cutter.close()
+        self._cutter = SplitCutter([samples for _, samples in splits], _cut_options(c), self._pool)
         return [
             datasets.SplitGenerator(name=name, gen_kwargs={"samples": samples, "split": str(name)})
             for name, samples in splits
-            if samples
         ]
-
-    def _patches(self, sample: Sample) -> CutImage | DataError:
-        return cut_sample(sample, **_cut_options(self.config))  # in this process: nothing to share
 
     def _generate_tables(self, samples: list[Sample], split: str) -> Iterator[tuple[str, pa.Table]]:
         schema = self.info.features.arrow_schema
         label_names = self.info.features["label"].names
         records = []
-        # worker processes run `cut_sample` itself (a method pickles badly) and share their patches
-        cut = functools.partial(cut_sample, **_cut_options(self.config), share=True) if self._pool else self._patches
-        for sample, result in zip(samples, ordered_map(cut, samples, self._pool, _release, self._patches)):
+        cutter = self._cutter
+        if cutter is None or not cutter.expects(samples):  # a split asked for out of order: cut it on its own
+            cutter = SplitCutter([samples], _cut_options(self.config), self._pool)
+        for sample, result in zip(samples, cutter.cut(samples)):
             if isinstance(result, DataError):
                 if self.config.on_error != "skip":
                     raise result
@@ -276,8 +277,11 @@ class HistoPatches(datasets.ArrowBasedBuilder):
         try:
             super()._download_and_prepare(dl_manager, verification_mode, **kwargs)
         finally:
-            if self._pool is not None:
-                self._pool.shutdown(cancel_futures=True)
+            if self._cutter is not None:
+                self._cutter.close()  # what was cut and not written is freed before the pool goes
+                self._cutter = None
+            if self._pool is not None:  # every result is collected: the workers exit without this build waiting
+                self._pool.shutdown(wait=False, cancel_futures=True)
         for name in [name for name, split in self.info.splits.items() if not split.num_examples]:
             del self.info.splits[name]  # every image of the split was skipped: declared, it could not be loaded
         records_dir = output_dir / _RECORDS_DIR
@@ -296,11 +300,6 @@ def _cut_options(c: HistoPatchesConfig) -> dict[str, Any]:
     """`cut_sample`'s options from a builder config."""
     options = ("patching", "patch_format", "resize_masks", "max_image_pixels")
     return {name: getattr(c, name) for name in options}
-
-
-def _release(result: CutImage | DataError) -> None:
-    if isinstance(result, CutImage):
-        result.release()
 
 
 def _unwrap_data_error(error: BaseException) -> DataError | None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import io
+from typing import BinaryIO
 
 import datasets
 from PIL import Image
 
-__all__ = ["PATCH_FORMATS", "check_patch_format", "encode_patch", "patch_features"]
+__all__ = ["PATCH_FORMATS", "check_patch_format", "encode_patch", "patch_features", "write_patch"]
 
 # How patches are stored in the Arrow cache (both decode through `datasets.Image`): "raw" is uncompressed RGB
 # (PPM), "png" PNG at zlib level 1. On GlaS (benchmarks/bench_data.py) raw takes ~2x the disk of PNG but
@@ -36,10 +37,21 @@ def check_patch_format(patch_format: str) -> None:
         raise ValueError(f"patch_format={patch_format!r} is not supported; choose one of {list(PATCH_FORMATS)}")
 
 
-def encode_patch(image: Image.Image, patch_format: str = "raw") -> bytes:
-    """Encode a patch the way the builder stores it (one of ``PATCH_FORMATS``)."""
+def write_patch(image: Image.Image, stream: BinaryIO, patch_format: str = "raw") -> int:
+    """Append a patch, encoded the way the builder stores it (one of ``PATCH_FORMATS``), to ``stream``.
+
+    Returns:
+        The number of bytes written.
+    """
     check_patch_format(patch_format)
     fmt, options = PATCH_FORMATS[patch_format]
+    start = stream.tell()
+    image.save(stream, format=fmt, **options)
+    return stream.tell() - start
+
+
+def encode_patch(image: Image.Image, patch_format: str = "raw") -> bytes:
+    """Encode a patch the way the builder stores it (one of ``PATCH_FORMATS``)."""
     buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **options)
+    write_patch(image, buffer, patch_format)
     return buffer.getvalue()
