@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,21 +48,45 @@ TASKS = {"binary": SHARED / "glas_train", "grade5": SHARED / "glas_train_grade5.
 AGGREGATIONS = ("soft", "attention")
 
 
+def check_settings(out: Path, settings: dict) -> None:
+    """Record the settings of a resumable run in `out`, or stop if its finished folds were made with others.
+
+    Without this, a run resumed after a change of the recipe's defaults would mix old and new folds silently.
+    """
+    path = out / "bench_settings.json"
+    settings = json.loads(json.dumps(settings, default=str))
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored != settings:
+            changed = sorted(k for k in {**stored, **settings} if stored.get(k) != settings.get(k))
+            sys.exit(
+                f"{out} holds folds made with other settings ({', '.join(changed)} differ, see {path}): "
+                "pass another --out, or move that folder away to rerun them"
+            )
+        return
+    if any(out.glob("fold_*/metrics.json")):
+        sys.exit(f"{out} holds folds made without a record of their settings: pass another --out, or move it away")
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(settings, indent=1))
+    tmp.replace(path)
+
+
 def run_cv(data: Path, out: Path, seed: int, n_folds: int, *flags: str) -> dict:
     """Run (or finish) `resnet_scratch.py`'s grouped CV with extra `flags`; the CV summary (`cv_metrics.json`)."""
-    argv = [
-        f"--data_dir={data}",
-        f"--output_dir={out}",
-        f"--n_folds={n_folds}",
-        f"--seed={seed}",
-        *flags,
-        "--overwrite_output_dir=true",  # a fold killed mid-way restarts; finished folds are skipped below
-        "--report_to=none",
-        "--disable_tqdm=true",
-    ]
-    data_args, model_args, training_args = parse_args(RECIPE_DEFAULTS, argv)
+    check_settings(out, {"defaults": RECIPE_DEFAULTS, "flags": list(flags), "seed": seed, "n_folds": n_folds})
     todo = [k for k in range(n_folds) if not (out / f"fold_{k}" / "metrics.json").is_file()]
     if todo:
+        for k in todo:  # a fold killed mid-way starts again: its checkpoints would mix with the new ones
+            shutil.rmtree(out / f"fold_{k}", ignore_errors=True)
+        with tempfile.TemporaryDirectory() as empty:
+            # parsed against an empty folder: --overwrite_output_dir on `out` would remove the finished folds, and
+            # without it `out` (which holds them) is refused as another run
+            argv = [f"--data_dir={data}", f"--output_dir={empty}", f"--n_folds={n_folds}", f"--seed={seed}", *flags]
+            data_args, model_args, training_args = parse_args(
+                RECIPE_DEFAULTS, [*argv, "--report_to=none", "--disable_tqdm=true"]
+            )
+        training_args.output_dir = str(out)  # as run_cross_validation points each fold at out/fold_k
         run_cross_validation(main, data_args, model_args, training_args, folds=todo)
     return json.loads((out / "cv_metrics.json").read_text())
 
