@@ -42,6 +42,7 @@ from hf_histo.inference.metrics import calibration_metrics  # noqa: E402
 from hf_histo.models.aggregation import apply_temperature  # noqa: E402
 from hf_histo.training.arguments import parse_args  # noqa: E402
 from hf_histo.training.cross_validation import run_cross_validation  # noqa: E402
+from hf_histo.utils import atomic_write_text  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 TASKS = {"binary": SHARED / "glas_train", "grade5": SHARED / "glas_train_grade5.csv"}
@@ -67,9 +68,7 @@ def check_settings(out: Path, settings: dict) -> None:
     if any(out.glob("fold_*/metrics.json")):
         sys.exit(f"{out} holds folds made without a record of their settings: pass another --out, or move it away")
     out.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(settings, indent=1))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(settings, indent=1))
 
 
 def run_cv(data: Path, out: Path, seed: int, n_folds: int, *flags: str) -> dict:
