@@ -25,7 +25,7 @@ from .cli_commands import (
 )
 from .cli_parser import CommandParser, str_to_bool
 from .data.images import DataError
-from .data.patching import EMPTY_FALLBACKS, STRATEGIES, PatchingConfig
+from .data.patching import EMPTY_FALLBACKS, STAIN_NORMS, STRATEGIES, PatchingConfig
 from .data.sources import LAYOUTS, SPLIT_CHOICES
 from .data.workers import default_num_proc
 from .models.aggregation import AGGREGATIONS, TTA_MODES
@@ -76,7 +76,7 @@ def _add_data_options(
 def _add_patching_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     """One flag per `PatchingConfig` field: the recipes' names, defaults and help (`DataArguments` mirrors them)."""
     types = {"stride": int, "min_fraction": float, "paint_background": str_to_bool}
-    choices = {"strategy": STRATEGIES, "empty_fallback": EMPTY_FALLBACKS}
+    choices = {"strategy": STRATEGIES, "empty_fallback": EMPTY_FALLBACKS, "stain_norm": STAIN_NORMS}
     for f in fields(PatchingConfig):
         if f.name in skip:
             continue

@@ -22,6 +22,8 @@ from tiny_models import tiny_model, tissue_image
 
 import hf_histo
 from hf_histo.app import EXPLAIN_SIDE, NO_EXPLANATION, AppModel, classify, describe, predict_many, serve
+from hf_histo.data.patching import PatchingConfig
+from hf_histo.data.stain import TORCHSTAIN_REQUIREMENT
 from hf_histo.hub import save_for_hub
 from hf_histo.hub.folder import SPACE_REQUIREMENTS, TIMM_REQUIREMENT, write_space_files
 from hf_histo.inference.loading import load_pipeline
@@ -237,12 +239,18 @@ def test_saved_folder_holds_the_app_and_its_requirements(files):
     assert "[app.py](app.py)" in (folder / "README.md").read_text(encoding="utf-8")
 
 
-def test_a_timm_backbone_adds_timm_to_the_requirements(tmp_path):
+def test_a_timm_backbone_and_stain_normalisation_add_their_requirements(tmp_path):
     config = HistoClassifierConfig(backbone_config=tiny_backbone_config("timm"))
     write_space_files(tmp_path, config)
     assert (tmp_path / "requirements.txt").read_text(encoding="utf-8").splitlines() == [
         *SPACE_REQUIREMENTS,
         TIMM_REQUIREMENT,
+    ]
+    config = HistoClassifierConfig(patching=PatchingConfig(stain_norm="macenko"))
+    write_space_files(tmp_path, config)
+    assert (tmp_path / "requirements.txt").read_text(encoding="utf-8").splitlines() == [
+        *SPACE_REQUIREMENTS,
+        TORCHSTAIN_REQUIREMENT,
     ]
 
 
@@ -251,7 +259,7 @@ def test_space_requirements_have_the_floors_of_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     declared = [*project["dependencies"], *project["optional-dependencies"]["app"]]
     floors = {req.split(">=")[0].strip().lower(): req.split(";")[0].replace(" ", "") for req in declared}
-    for requirement in (*SPACE_REQUIREMENTS, TIMM_REQUIREMENT):
+    for requirement in (*SPACE_REQUIREMENTS, TIMM_REQUIREMENT, TORCHSTAIN_REQUIREMENT):
         assert floors[requirement.split(">=")[0].lower()] == requirement
 
 

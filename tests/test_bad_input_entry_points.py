@@ -353,11 +353,11 @@ def recipe_arguments_reach_the_builder(env):
 
 
 def recipe_data_error_hook(env):
-    from hf_histo.training import arguments
+    from hf_histo.training import launch
 
     exits = []
-    env.mp.setattr(arguments.os, "_exit", exits.append)
-    arguments.exit_on_data_error(DataError, DataError("/data/x.png: truncated; re-export it"), None)
+    env.mp.setattr(launch.os, "_exit", exits.append)
+    launch.exit_on_data_error(DataError, DataError("/data/x.png: truncated; re-export it"), None)
     assert exits == [2]
     assert "error: /data/x.png: truncated; re-export it" in env.capsys.readouterr().err
 

@@ -103,6 +103,7 @@ def trained(tmp_path_factory):
     argv = ["--demo", "--data_dir", str(data), "--output_dir", str(out), "--cache_dir", str(root / "cache")]
     # soft voting over several 64 px tiles per image, so that the TTA views change the image probabilities
     argv += ["--tta", "flips", "--aggregation", "soft", "--patch_size", "64", "--val_fraction", "0.4", *FAST]
+    argv += ["--stain_norm", "macenko"]  # the shipped engine must normalise the stain as the dataset builder did
     result = recipe.main(*parse_args(recipe.RECIPE_DEFAULTS, argv=argv))
     return data, out, result, root
 
@@ -113,7 +114,9 @@ def test_metrics_json_evaluate_and_remote_pipeline_agree(trained):
     splits = json.loads((out / "splits.json").read_text())
     assert set(splits) >= {"train", "validation"} and not set(splits["train"]) & set(splits["validation"])
     reported = ImageLevelResult.load(out / "metrics.json")
-    assert reported.tta == "flips" and json.loads((out / "config.json").read_text())["tta"] == "flips"
+    config = json.loads((out / "config.json").read_text())
+    assert reported.tta == "flips" and config["tta"] == "flips" and config["patching"]["stain_norm"] == "macenko"
+    assert "torchstain>=1.3" in (out / "requirements.txt").read_text().splitlines()
     assert sorted(reported.image_ids) == splits["validation"]
     assert np.allclose(reported.probs_array, returned.probs_array)
     by_id = dict(zip(reported.image_ids, reported.probs_array))

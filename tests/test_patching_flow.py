@@ -35,6 +35,7 @@ def test_recipe_flags_reach_the_patching_config(tmp_path):
         "min_area": "50",
         "pad": "4",
         "empty_fallback": "whole",
+        "stain_norm": "macenko",
     }
     argv = ["--data_dir", "D", "--output_dir", str(tmp_path), "--paint_background"]
     argv += [arg for name, value in flags.items() for arg in (f"--{name}", value)]
@@ -50,6 +51,7 @@ def test_recipe_flags_reach_the_patching_config(tmp_path):
         pad=4,
         paint_background=True,
         empty_fallback="whole",
+        stain_norm="macenko",
     )
 
 
@@ -57,6 +59,7 @@ def test_recipe_flags_reach_the_patching_config(tmp_path):
     "argv, message",
     [
         (["--empty_fallback", "black"], "--empty_fallback='black' is not supported"),
+        (["--stain_norm", "reinhard"], "--stain_norm='reinhard' is not supported"),
         (["--top_k", "0"], "top_k must be >= 1"),
         (["--min_fraction", "1.5"], r"min_fraction must be in \(0, 1\]"),
         (["--patch_size", "0"], "patch_size and stride must be positive"),

@@ -20,6 +20,7 @@ from .masks import resolve_mask
 from .patch_storage import write_patch
 from .patching import PatchBox, PatchingConfig, crop_patch
 from .sources import Sample
+from .stain import normalize_stain
 from .workers import ordered_map
 
 __all__ = ["CutImage", "SplitCutter", "cut_sample", "decode_sample", "prepare_sharing"]
@@ -166,6 +167,7 @@ def cut_sample(
         image, mask, source = decode_sample(sample, patching, resize_masks, max_image_pixels)
     except DataError as e:
         return e
+    image = normalize_stain(image, patching.stain_norm, str(sample.image_path))  # the mask is the original image's
     boxes, fell_back = patching.boxes_with_fallback(mask)
     stream, paint = io.BytesIO(), patching.paint_background
     # one growing buffer, read without a copy: no bytes object per patch and no join (130 MB of copies on GlaS)

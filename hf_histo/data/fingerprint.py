@@ -26,6 +26,8 @@ CODE_FILES = (
     "images.py",
     "masks.py",
     "patching.py",
+    "stain.py",
+    "cutting.py",
     "splits.py",
     "builder.py",
     "patch_storage.py",  # raw vs PNG patches: a cache written in one format is never read as the other

@@ -19,6 +19,7 @@ PATCHING_VERSION = "2"
 STRATEGIES = ("grid", "components", "topk", "whole")
 FIXED_SIZE_STRATEGIES = ("grid", "topk")  # every patch (fallback tile included) is patch_size x patch_size
 EMPTY_FALLBACKS = ("tissue", "whole")
+STAIN_NORMS = ("none", "macenko")  # hf_histo/data/stain.py applies them
 
 
 class PatchBox(NamedTuple):
@@ -304,6 +305,13 @@ class PatchingConfig:
         default="tissue",
         metadata={"help": "What an empty mask becomes: tissue (detected tissue) or whole (the whole image)."},
     )
+    stain_norm: str = field(
+        default="none",
+        metadata={
+            "help": "Stain normalisation of each whole image before cutting, in training and inference alike: "
+            "none or macenko (Macenko to a fixed H&E reference, with torchstain)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -312,6 +320,8 @@ class PatchingConfig:
             raise ValueError(f"patch_size and stride must be positive, got {self.patch_size}, {self.stride}")
         if self.empty_fallback not in EMPTY_FALLBACKS:
             raise ValueError(f"empty_fallback must be 'tissue' or 'whole', got {self.empty_fallback!r}")
+        if self.stain_norm not in STAIN_NORMS:
+            raise ValueError(f"unknown stain normalisation {self.stain_norm!r}; choose one of {list(STAIN_NORMS)}")
         if self.min_fraction is not None and not 0.0 < self.min_fraction <= 1.0:
             raise ValueError(f"min_fraction must be in (0, 1] (or None), got {self.min_fraction}")
         if self.top_k < 1:

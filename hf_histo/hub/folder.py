@@ -10,6 +10,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ..data.stain import TORCHSTAIN_REQUIREMENT
 from ..data.transforms import make_image_processor
 from ..inference.plots import plot_confusion_matrix
 from ..inference.results import ImageLevelResult
@@ -39,7 +40,7 @@ def write_space_files(output_dir: str | os.PathLike, config: Any) -> list[Path]:
 
     Args:
         output_dir: The model folder.
-        config: The model's config (a timm backbone adds timm to the requirements).
+        config: The model's config (a timm backbone adds timm to the requirements, stain normalisation torchstain).
 
     Returns:
         The two files.
@@ -50,6 +51,8 @@ def write_space_files(output_dir: str | os.PathLike, config: Any) -> list[Path]:
     requirements = list(SPACE_REQUIREMENTS)
     if getattr(getattr(config, "backbone_config", None), "model_type", None) == "timm_wrapper":
         requirements.append(TIMM_REQUIREMENT)
+    if (getattr(config, "patching", None) or {}).get("stain_norm", "none") != "none":
+        requirements.append(TORCHSTAIN_REQUIREMENT)  # the shipped engine normalises stain as training did
     (output_dir / "requirements.txt").write_text("\n".join(requirements) + "\n", encoding="utf-8")
     return [app, output_dir / "requirements.txt"]
 

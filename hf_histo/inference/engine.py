@@ -10,7 +10,6 @@ import math
 import os
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -19,6 +18,7 @@ from PIL import Image
 
 from ..data.images import DataError, load_rgb
 from ..data.patching import PatchBox, PatchingConfig, crop_array, crop_patch
+from ..data.stain import normalize_stain
 from ..models.aggregation import AGGREGATIONS as AGGREGATIONS  # re-exported, as TTA_MODES: the app lists them
 from ..models.aggregation import TTA_MODES as TTA_MODES  # re-exported: the app lists the engine's names
 from ..models.aggregation import aggregate, apply_temperature
@@ -34,6 +34,9 @@ from .forward import (
 )
 from .forward import patch_probabilities as patch_probabilities  # re-exported, with the views training embeds
 from .forward import tta_views as tta_views
+from .prediction import ImagePrediction as ImagePrediction  # re-exported: the records of the engine's stages
+from .prediction import PatchedImage as PatchedImage
+from .prediction import item_error as item_error
 from .roi import RoiSegmenter, resolve_roi_mask
 
 DEFAULT_BATCH_SIZE = 32
@@ -51,84 +54,11 @@ ITEM_ERRORS = (ValueError, TypeError)
 _DECODE_LOCK = threading.Lock()
 
 
-def item_error(error: Exception, name: str | None) -> DataError:
-    """The error of one input as a `DataError` whose message names the input (prefixed when it does not already)."""
-    message = str(error)
-    if name and name not in message:
-        message = f"{name}: {message}"
-    if isinstance(error, DataError) and message == str(error):
-        return error
-    wrapped = DataError(message)
-    wrapped.__cause__ = error
-    return wrapped
-
-
-@dataclass
-class PatchedImage:
-    """An image after the decode and patch stages: what the forward stage crops from."""
-
-    image: Image.Image
-    mask: np.ndarray
-    boxes: np.ndarray  # [N, 5] int64: x, y, w, h, foreground pixels
-    mask_source: str
-    fallback: str | None
-    patches: torch.Tensor | None = None  # InferenceEngine.cut, once cut (None until then)
-    embeddings: np.ndarray | None = None  # [N, D] patch embeddings of a model with a MIL head, once forwarded
-
-
-@dataclass
-class ImagePrediction:
-    """The image-level prediction of one image, with the per-patch details it came from.
-
-    Attributes:
-        labels: Class names in index order.
-        probs: Image class probabilities ``[C]`` after aggregation.
-        patch_probs: Patch class probabilities ``[N, C]`` (softmax averaged over the TTA views).
-        boxes: ``[N, 5]`` int array: x, y, w, h and mask pixels of each patch.
-        mask_source: ``"mask"``, ``"tissue"`` (no mask given), ``"roi_model"`` (no mask given: the ROI model's
-            region), ``"empty_mask_tissue"``, ``"empty_mask_whole"``, ``"empty_roi_tissue"`` or ``"whole"``.
-        fallback: None, or why the image was not patched normally (``"best_tile"`` or a mask fallback above).
-        aggregation: How the patches were aggregated.
-        tta: The TTA views averaged per patch.
-        image_id: The caller's name for the image, if any.
-        attention: With ``aggregation="attention"``, the MIL head's weight of each patch ``[N]`` (sums to 1).
-        temperature: The temperature that scaled ``probs`` (``config.calibration_temperature``); None: not scaled.
-    """
-
-    labels: list[str]
-    probs: np.ndarray
-    patch_probs: np.ndarray
-    boxes: np.ndarray
-    mask_source: str
-    fallback: str | None
-    aggregation: str
-    tta: str
-    image_id: str | None = None
-    attention: np.ndarray | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
-    temperature: float | None = None
-
-    @property
-    def label(self) -> str:
-        """The predicted class name."""
-        return self.labels[int(np.argmax(self.probs))]
-
-    @property
-    def foreground(self) -> np.ndarray:
-        """Mask fraction of each patch (mask pixels over the box area)."""
-        return self.boxes[:, 4] / np.maximum(self.boxes[:, 2] * self.boxes[:, 3], 1)
-
-    def scores(self, top_k: int | None = None) -> list[dict[str, Any]]:
-        """``[{"label", "score"}]`` sorted by score, the ``top_k`` best (all by default)."""
-        order = np.argsort(-self.probs, kind="stable")[: top_k or len(self.labels)]
-        return [{"label": self.labels[i], "score": float(self.probs[i])} for i in order]
-
-
 class InferenceEngine:
     """Classify whole images with a patch classifier exactly as it was trained and evaluated.
 
     Stages, each callable (and timeable) on its own: ``decode`` (the one RGB conversion, shared with the dataset
-    builder) -> ``patch`` (mask or tissue detection, then the model's ``PatchingConfig``) -> ``cut`` (the patches
+    builder) -> ``patch`` (mask or tissue detection, then the model's ``PatchingConfig``: boxes, stain) -> ``cut`` (the patches
     as one uint8 tensor at the processor's size) -> ``to_model`` (the processor's normalisation, on the model's
     device) -> ``forward`` (batched, TTA views averaged) -> ``aggregate`` (the image vote). ``load`` is decode,
     patch and cut: what the read-ahead threads of ``predict_many`` do while the model runs.
@@ -205,10 +135,11 @@ class InferenceEngine:
         return load_rgb(image, self.max_image_pixels, timeout, name)
 
     def patch(self, image: Image.Image, mask: Any = None, resize_mask: bool = False, name: str | None = None):
-        """Resolve the mask (the ROI model's region, or tissue detection, without one) and select the patch boxes.
+        """Resolve the mask (the ROI model's region, or tissue detection, without one), select the patch boxes and
+        normalise the image's stain (``patching.stain_norm``, as the training patches were).
 
         Returns:
-            A `PatchedImage`.
+            A `PatchedImage` (its image: the stain-normalised one, which the patches are cut from).
         """
         mask_array, mask_source = resolve_roi_mask(
             self.roi,
@@ -224,6 +155,8 @@ class InferenceEngine:
         array = np.asarray([tuple(b) for b in boxes], dtype=np.int64).reshape(-1, 5)
         if not len(array):
             raise ValueError(f"{name or 'image'}: no patch could be cut (an empty image?)")
+        # as the dataset builder (`cut_sample`): the mask comes from the original image, the patches from this one
+        image = normalize_stain(image, self.patching.stain_norm, name)
         return PatchedImage(image, mask_array, array, mask_source, fallback)
 
     def crops(self, patched: PatchedImage, rows: Iterable[int] | None = None) -> list[Image.Image]:

@@ -8,20 +8,18 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import torch
 from transformers import HfArgumentParser, TrainingArguments
 
-from ..data.images import DataError
-from ..data.patching import EMPTY_FALLBACKS, STRATEGIES, PatchingConfig
+from ..data.patching import EMPTY_FALLBACKS, STAIN_NORMS, STRATEGIES, PatchingConfig
 from ..data.transforms import AUGMENTATIONS
 from ..data.workers import default_num_proc, default_num_workers
 from ..models.aggregation import AGGREGATIONS
 from ..models.configuration_histo import FREEZE_POLICIES, HEADS, TTA_MODES
 from .config_file import given, load_config_file, pop_config
-from .launch import relaunch_for_cpu_ddp
+from .launch import exit_on_data_error, relaunch_for_cpu_ddp
 
 OPTIMIZERS = ("adamw", "lion", "sgd")
 LOSSES = ("ce", "weighted_ce", "focal")
@@ -83,6 +81,7 @@ class DataArguments:
     pad: int = _patching_field("pad")
     paint_background: bool = _patching_field("paint_background")
     empty_fallback: str = _patching_field("empty_fallback")
+    stain_norm: str = _patching_field("stain_norm")
     val_fraction: float = field(default=0.1, metadata={"help": "Fraction of images (by group) held out for eval."})
     n_folds: int | None = field(
         default=None, metadata={"help": "Grouped k-fold cross-validation: train one model per fold (e.g. 5)."}
@@ -116,8 +115,12 @@ class DataArguments:
     )
 
     def __post_init__(self) -> None:
-        _check("strategy", self.strategy, STRATEGIES)
-        _check("empty_fallback", self.empty_fallback, EMPTY_FALLBACKS)
+        for name, allowed in (
+            ("strategy", STRATEGIES),
+            ("empty_fallback", EMPTY_FALLBACKS),
+            ("stain_norm", STAIN_NORMS),
+        ):
+            _check(name, getattr(self, name), allowed)
         _check("augment", self.augment, AUGMENTATIONS)
         _check("on_error", self.on_error, ("raise", "skip"))
         if self.data_dir is None and not self.demo:
@@ -359,20 +362,6 @@ def make_parser() -> HfArgumentParser:
         if action.help:
             action.help = re.sub(r"(?<!%)%(?![(%])", "%%", action.help)
     return parser
-
-
-def exit_on_data_error(exc_type: type[BaseException], exc: BaseException, traceback: TracebackType | None) -> None:
-    """`sys.excepthook` of a recipe run: a `DataError` prints ``<script>: error: <message>`` and exits with 2.
-
-    The message names the file and the fix, so the traceback adds nothing; other exceptions keep the default hook.
-    """
-    if not issubclass(exc_type, DataError):
-        sys.__excepthook__(exc_type, exc, traceback)
-        return
-    print(f"{Path(sys.argv[0]).name}: error: {exc}", file=sys.stderr)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(2)  # an excepthook cannot set the exit status otherwise
 
 
 def parse_args(

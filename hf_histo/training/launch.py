@@ -1,4 +1,4 @@
-"""`accelerate launch --cpu --num_processes N` as N real DDP processes: re-executed under torch.distributed.run."""
+"""How a recipe script starts: `accelerate launch --cpu` as real DDP processes, and data errors as one-line exits."""
 
 from __future__ import annotations
 
@@ -6,10 +6,13 @@ import logging
 import os
 import sys
 from pathlib import Path
+from types import TracebackType
+
+from ..data.images import DataError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["relaunch_for_cpu_ddp"]
+__all__ = ["exit_on_data_error", "relaunch_for_cpu_ddp"]
 
 
 def _launcher_num_processes(pid: int) -> int | None:
@@ -86,3 +89,17 @@ def relaunch_for_cpu_ddp(argv: list[str] | None = None) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, cmd)
+
+
+def exit_on_data_error(exc_type: type[BaseException], exc: BaseException, traceback: TracebackType | None) -> None:
+    """`sys.excepthook` of a recipe run: a `DataError` prints ``<script>: error: <message>`` and exits with 2.
+
+    The message names the file and the fix, so the traceback adds nothing; other exceptions keep the default hook.
+    """
+    if not issubclass(exc_type, DataError):
+        sys.__excepthook__(exc_type, exc, traceback)
+        return
+    print(f"{Path(sys.argv[0]).name}: error: {exc}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(2)  # an excepthook cannot set the exit status otherwise

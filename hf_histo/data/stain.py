@@ -1,0 +1,101 @@
+"""Stain normalisation of whole H&E images before they are cut (Macenko, through torchstain), for training and inference."""
+
+# Ships with checkpoints (the engine applies it; patching.py names the methods): stdlib, numpy, PIL, torch, and
+# torchstain only when a model normalises stain, so a folder of a model that does not loads without it.
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from PIL import Image
+
+try:  # only a model trained with stain normalisation needs torchstain (see `normalize_stain`)
+    import torchstain
+except ImportError:
+    torchstain = None
+
+from .patching import STAIN_NORMS
+
+logger = logging.getLogger(__name__)
+
+TORCHSTAIN_REQUIREMENT = (
+    "torchstain>=1.3"  # as in pyproject.toml; a Hub folder's requirements.txt lists it when needed
+)
+
+# The Macenko target: H&E stain vectors in optical density (columns) and the 99th-percentile stain concentrations.
+# torchstain's reference (1.3 and 1.4), pinned here so that a torchstain release cannot change a trained model's inputs.
+MACENKO_HE_REF = ((0.5626, 0.2159), (0.7201, 0.8012), (0.4062, 0.5581))
+MACENKO_MAX_C_REF = (1.9705, 1.0308)
+MACENKO_IO, MACENKO_ALPHA, MACENKO_BETA = 240, 1, 0.15  # light intensity, angle percentile, optical-density threshold
+# Fewer stained pixels (optical density >= beta in every channel) than this leave the stain estimate to noise.
+MIN_STAINED_PIXELS = 256
+
+
+def stained_pixels(rgb: np.ndarray) -> int:
+    """Pixels of an ``(H, W, 3)`` uint8 image that Macenko's estimate uses: optical density >= beta in every channel."""
+    brightest = int(MACENKO_IO * np.exp(-MACENKO_BETA)) - 1  # -log((I + 1) / Io) >= beta  <=>  I + 1 <= Io * e^-beta
+    return int(np.count_nonzero(rgb.max(axis=2) <= brightest))
+
+
+def macenko(rgb: np.ndarray) -> np.ndarray | None:
+    """Macenko normalisation of an ``(H, W, 3)`` uint8 image to the pinned reference; None when the estimate fails.
+
+    The estimate fails on an image with too few stained pixels (blank, background only) and when torchstain's
+    eigen-decomposition, percentiles or least squares fail or return non-finite numbers.
+    """
+    if stained_pixels(rgb) < MIN_STAINED_PIXELS:
+        return None
+    normalizer = torchstain.normalizers.MacenkoNormalizer(backend="torch")  # one per call: threads share none
+    normalizer.HERef = torch.tensor(MACENKO_HE_REF)
+    normalizer.maxCRef = torch.tensor(MACENKO_MAX_C_REF)
+    pixels = torch.from_numpy(np.array(rgb)).permute(2, 0, 1)  # a writable copy
+    try:
+        with torch.no_grad():
+            out, _, _ = normalizer.normalize(
+                I=pixels, Io=MACENKO_IO, alpha=MACENKO_ALPHA, beta=MACENKO_BETA, stains=False
+            )
+    except (RuntimeError, ValueError, IndexError):  # torch.linalg's errors are RuntimeErrors
+        return None
+    # torchstain returns int32 in [0, 255] (exp() >= 0, clipped above); a NaN estimate casts to a negative integer
+    if int(out.min()) < 0:
+        return None
+    return out.to(torch.uint8).numpy()
+
+
+def normalize_stain(image: Image.Image, method: str = "none", name: str | None = None) -> Image.Image:
+    """The whole image with its stain normalised by ``method`` (``"none"``: the image itself).
+
+    The dataset builder applies it to each image before cutting its patches and the inference engine before
+    cutting, with the method stored in the model's ``PatchingConfig``: training and inference see the same pixels.
+    An image whose stain cannot be estimated (blank, background only, degenerate colours) is used as it is, with a
+    warning naming it.
+
+    Args:
+        image: An RGB image.
+        method: One of ``STAIN_NORMS``.
+        name: The image's path or id, for the warning.
+
+    Raises:
+        ImportError: ``method`` needs torchstain and it is not installed.
+    """
+    if method not in STAIN_NORMS:
+        raise ValueError(f"unknown stain normalisation {method!r}; choose one of {list(STAIN_NORMS)}")
+    if method == "none":
+        return image
+    if torchstain is None:
+        raise ImportError(
+            f"this model normalises stain ({method}) with torchstain, which is not installed: "
+            f"pip install '{TORCHSTAIN_REQUIREMENT}'"
+        )
+    normalised = macenko(np.asarray(image.convert("RGB")))
+    if normalised is None:
+        logger.warning(
+            "%s: the %s stain estimate failed (blank, background only or degenerate colours); the image is used "
+            "without stain normalisation.",
+            name or "image",
+            method,
+        )
+        return image
+    return Image.fromarray(normalised)
