@@ -2,11 +2,14 @@
 
 import csv
 import logging
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from tiny_models import tiny_model
 
@@ -63,14 +66,15 @@ def test_an_image_with_too_little_stain_is_used_as_it_is_with_a_warning(caplog, 
     assert "blank.png: the macenko stain estimate failed" in caplog.text
 
 
-@pytest.mark.parametrize(
-    "normalize",
-    [
-        lambda **kw: (_ for _ in ()).throw(torch.linalg.LinAlgError("linalg.eigh: failed to converge")),
-        lambda I, **kw: (torch.full((I.shape[1], I.shape[2], 3), -(2**31), dtype=torch.int32), None, None),
-    ],
-    ids=["raises", "nan"],
-)
+def _divide_by_zero(**kwargs):
+    return np.ones(3) / np.zeros(3), None, None  # as torchstain does on a degenerate estimate (maxC of 0)
+
+
+def _no_convergence(**kwargs):
+    raise np.linalg.LinAlgError("Eigenvalues did not converge")
+
+
+@pytest.mark.parametrize("normalize", [_no_convergence, _divide_by_zero], ids=["raises", "divides_by_zero"])
 def test_a_failed_or_non_finite_estimate_falls_back_with_a_warning(monkeypatch, caplog, normalize):
     fake = SimpleNamespace(normalize=normalize, HERef=None, maxCRef=None)
     monkeypatch.setattr(
@@ -125,3 +129,35 @@ def test_the_dataset_and_the_engine_cut_the_same_normalised_patches(tmp_path):
             assert np.abs(stored.astype(int) - np.asarray(raw_row["image"], int)).mean() > 2  # normalised
             checked += 1
     assert checked == len(train) == 12
+
+
+# A fold's training starts torch's OpenMP pool in the process that then forks the builder's cutting processes: the
+# stain normalisation there must not run an OpenMP region (torch's would hang in the child).
+AFTER_TRAINING = textwrap.dedent(
+    """
+    import sys, torch
+    from pathlib import Path
+    from test_stain import _table
+    from hf_histo.data.builder import load_patch_dataset
+    from hf_histo.data.patching import PatchingConfig
+
+    a = torch.randn(1500, 1500)
+    (a @ a).sum(), torch.linalg.eigh(a[:200, :200] @ a[:200, :200].T)
+    root = Path(sys.argv[1])
+    patching = PatchingConfig(strategy="topk", patch_size=32, top_k=3, stain_norm="macenko")
+    train = load_patch_dataset(_table(root / "data"), patching, val_fraction=0, cache_dir=root / "c", num_proc=2)
+    print(len(train["train"]))
+    """
+)
+
+
+def test_cutting_processes_forked_after_torch_ran_normalise_without_hanging(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-c", AFTER_TRAINING, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parent,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-1] == "12"

@@ -1,6 +1,6 @@
 """Stain normalisation of whole H&E images before they are cut (Macenko, through torchstain), for training and inference."""
 
-# Ships with checkpoints (the engine applies it; patching.py names the methods): stdlib, numpy, PIL, torch, and
+# Ships with checkpoints (the engine applies it; patching.py names the methods): stdlib, numpy, PIL, and
 # torchstain only when a model normalises stain, so a folder of a model that does not loads without it.
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import torch
 from PIL import Image
 
 try:  # only a model trained with stain normalisation needs torchstain (see `normalize_stain`)
@@ -42,26 +41,25 @@ def stained_pixels(rgb: np.ndarray) -> int:
 def macenko(rgb: np.ndarray) -> np.ndarray | None:
     """Macenko normalisation of an ``(H, W, 3)`` uint8 image to the pinned reference; None when the estimate fails.
 
-    The estimate fails on an image with too few stained pixels (blank, background only) and when torchstain's
-    eigen-decomposition, percentiles or least squares fail or return non-finite numbers.
+    The estimate fails on an image with too few stained pixels (blank, background only) and when the
+    eigen-decomposition, the percentiles or the least squares fail or divide by zero.
+
+    torchstain's numpy backend, not its torch one: the dataset builder cuts in forked processes, and torch's OpenMP
+    pool, started by an earlier training in the parent process, hangs in a forked child.
     """
     if stained_pixels(rgb) < MIN_STAINED_PIXELS:
         return None
-    normalizer = torchstain.normalizers.MacenkoNormalizer(backend="torch")  # one per call: threads share none
-    normalizer.HERef = torch.tensor(MACENKO_HE_REF)
-    normalizer.maxCRef = torch.tensor(MACENKO_MAX_C_REF)
-    pixels = torch.from_numpy(np.array(rgb)).permute(2, 0, 1)  # a writable copy
+    normalizer = torchstain.normalizers.MacenkoNormalizer(backend="numpy")  # one per call: threads share none
+    normalizer.HERef = np.array(MACENKO_HE_REF)
+    normalizer.maxCRef = np.array(MACENKO_MAX_C_REF)
     try:
-        with torch.no_grad():
+        with np.errstate(divide="raise", invalid="raise", over="ignore", under="ignore"):  # exp() may saturate
             out, _, _ = normalizer.normalize(
-                I=pixels, Io=MACENKO_IO, alpha=MACENKO_ALPHA, beta=MACENKO_BETA, stains=False
+                I=np.asarray(rgb), Io=MACENKO_IO, alpha=MACENKO_ALPHA, beta=MACENKO_BETA, stains=False
             )
-    except (RuntimeError, ValueError, IndexError):  # torch.linalg's errors are RuntimeErrors
+    except (ArithmeticError, ValueError, IndexError):  # FloatingPointError; LinAlgError is a ValueError
         return None
-    # torchstain returns int32 in [0, 255] (exp() >= 0, clipped above); a NaN estimate casts to a negative integer
-    if int(out.min()) < 0:
-        return None
-    return out.to(torch.uint8).numpy()
+    return out
 
 
 def normalize_stain(image: Image.Image, method: str = "none", name: str | None = None) -> Image.Image:
