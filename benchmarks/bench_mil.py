@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -42,51 +40,21 @@ from hf_histo.inference.metrics import calibration_metrics  # noqa: E402
 from hf_histo.models.aggregation import apply_temperature  # noqa: E402
 from hf_histo.training.arguments import parse_args  # noqa: E402
 from hf_histo.training.cross_validation import run_cross_validation  # noqa: E402
-from hf_histo.utils import atomic_write_text  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 TASKS = {"binary": SHARED / "glas_train", "grade5": SHARED / "glas_train_grade5.csv"}
 AGGREGATIONS = ("soft", "attention")
 
 
-def check_settings(out: Path, settings: dict) -> None:
-    """Record the settings of a resumable run in `out`, or stop if its finished folds were made with others.
-
-    Without this, a run resumed after a change of the recipe's defaults would mix old and new folds silently.
-    """
-    path = out / "bench_settings.json"
-    settings = json.loads(json.dumps(settings, default=str))
-    if path.is_file():
-        stored = json.loads(path.read_text())
-        if stored != settings:
-            changed = sorted(k for k in {**stored, **settings} if stored.get(k) != settings.get(k))
-            sys.exit(
-                f"{out} holds folds made with other settings ({', '.join(changed)} differ, see {path}): "
-                "pass another --out, or move that folder away to rerun them"
-            )
-        return
-    if any(out.glob("fold_*/metrics.json")):
-        sys.exit(f"{out} holds folds made without a record of their settings: pass another --out, or move it away")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(settings, indent=1))
-
-
 def run_cv(data: Path, out: Path, seed: int, n_folds: int, *flags: str) -> dict:
-    """Run (or finish) `resnet_scratch.py`'s grouped CV with extra `flags`; the CV summary (`cv_metrics.json`)."""
-    check_settings(out, {"defaults": RECIPE_DEFAULTS, "flags": list(flags), "seed": seed, "n_folds": n_folds})
-    todo = [k for k in range(n_folds) if not (out / f"fold_{k}" / "metrics.json").is_file()]
-    if todo:
-        for k in todo:  # a fold killed mid-way starts again: its checkpoints would mix with the new ones
-            shutil.rmtree(out / f"fold_{k}", ignore_errors=True)
-        with tempfile.TemporaryDirectory() as empty:
-            # parsed against an empty folder: --overwrite_output_dir on `out` would remove the finished folds, and
-            # without it `out` (which holds them) is refused as another run
-            argv = [f"--data_dir={data}", f"--output_dir={empty}", f"--n_folds={n_folds}", f"--seed={seed}", *flags]
-            data_args, model_args, training_args = parse_args(
-                RECIPE_DEFAULTS, [*argv, "--report_to=none", "--disable_tqdm=true"]
-            )
-        training_args.output_dir = str(out)  # as run_cross_validation points each fold at out/fold_k
-        run_cross_validation(main, data_args, model_args, training_args, folds=todo)
+    """Run, finish or re-summarise `resnet_scratch.py`'s grouped CV with extra `flags`; its `cv_metrics.json`.
+
+    A folder with folds continues with `--resume_folds`: finished folds are kept, and a run made with other settings
+    (a changed recipe default, other flags) is refused rather than mixed with this one.
+    """
+    argv = [f"--data_dir={data}", f"--output_dir={out}", f"--n_folds={n_folds}", f"--seed={seed}", *flags]
+    argv += ["--report_to=none", "--disable_tqdm=true", f"--resume_folds={any(out.glob('fold_*'))}"]
+    run_cross_validation(main, *parse_args(RECIPE_DEFAULTS, argv))
     return json.loads((out / "cv_metrics.json").read_text())
 
 

@@ -172,6 +172,46 @@ def test_cross_validation_and_evaluate_the_fold_ensemble(demo_data, tmp_path):
         run_recipe("resnet_scratch", *data, "--output_dir", str(bare), "--cv_results", str(tmp_path), *FAST)
 
 
+class Killed(Exception):
+    """A kill of the run, at the end of a fold's training."""
+
+
+@pytest.mark.slow
+def test_a_killed_cross_validation_resumes_where_it_stopped(demo_data, tmp_path, monkeypatch):
+    from hf_histo.training import finalize
+
+    data_dir, cache = demo_data
+    out = tmp_path / "cv"
+    argv = ["--demo", "--data_dir", str(data_dir), "--cache_dir", str(cache), "--output_dir", str(out)]
+    argv += ["--n_folds", "3", "--patch_size", "64", "--stride", "64", *FAST]
+    argv += ["--save_strategy", "steps", "--save_steps", "1", "--eval_strategy", "no"]
+    real, seen = finalize.finalize_run, []
+
+    def finalize_run(trainer, *args, **kwargs):
+        seen.append((Path(trainer.args.output_dir).name, trainer.args.resume_from_checkpoint))
+        if seen[-1][0] == "fold_1" and len(seen) == 2:
+            raise Killed  # fold 1 trained and saved its checkpoints, but never published its model
+        return real(trainer, *args, **kwargs)
+
+    monkeypatch.setattr(finalize, "finalize_run", finalize_run)
+    with pytest.raises(Killed):
+        run_recipe("resnet_scratch", *argv)
+    assert (out / "fold_0" / "metrics.json").is_file() and not (out / "fold_1" / "metrics.json").exists()
+    assert (out / "fold_1" / "checkpoint-2").is_dir() and (out / "cv_run.json").is_file()
+    with pytest.raises(ValueError, match="holds another run.*--resume_folds"):
+        run_recipe("resnet_scratch", *argv)
+    with pytest.raises(ValueError, match=r"other settings \(training\.learning_rate\)"):
+        run_recipe("resnet_scratch", *argv, "--resume_folds", "true", "--learning_rate", "0.5")
+    kept = (out / "fold_0" / "model.safetensors").stat().st_mtime_ns
+    seen.clear()
+    run_recipe("resnet_scratch", *argv, "--resume_folds", "true")
+    assert (out / "fold_0" / "model.safetensors").stat().st_mtime_ns == kept  # finished: not trained again
+    assert seen == [("fold_1", str(out / "fold_1" / "checkpoint-2")), ("fold_2", None)]
+    summary = json.loads((out / "cv_metrics.json").read_text())
+    assert summary["n_folds"] == 3 and summary["oof"]["metrics"]["n"] == 12
+    assert sorted(summary["wall_seconds"]) == ["0", "1", "2"]  # the earlier run's fold 0 included
+
+
 def test_whole_image_strategy(demo_data, tmp_path):
     data_dir, cache = demo_data
     out = tmp_path / "whole"

@@ -264,6 +264,13 @@ class HistoTrainingArguments(TrainingArguments):
             "recipe's --n_folds run on the same data, whose out-of-fold figures the model card reports."
         },
     )
+    resume_folds: bool = field(
+        default=False,
+        metadata={
+            "help": "Continue the --n_folds run in --output_dir that a kill stopped: finished folds are kept, an "
+            "unfinished one resumes from its last checkpoint; refused if any setting differs from that run's."
+        },
+    )
     mil_epochs: int = field(default=40, metadata={"help": "Epochs of the attention-MIL head over the train images."})
     mil_learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the attention-MIL head."})
     mil_weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay of the attention-MIL head."})
@@ -435,5 +442,8 @@ def parse_args(
 
     args = outputs[-1]
     main_process = int(os.environ.get("RANK", "0")) == 0  # removes an overwritten run; the other ranks only check
-    check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint, main_process)
+    if args.resume_folds and not (outputs[0].n_folds and outputs[0].fold is None):
+        raise ValueError("--resume_folds continues a cross-validation run: it needs --n_folds (and no --fold)")
+    resume = args.resume_from_checkpoint or args.resume_folds
+    check_output_dir(args.output_dir, args.overwrite_output_dir, resume, main_process)
     return tuple(outputs)  # type: ignore[return-value]

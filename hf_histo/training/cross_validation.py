@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,8 +18,51 @@ from ..inference.metrics import CALIBRATION_KEYS, METRIC_KEYS, calibration_metri
 from ..inference.plots import plot_confusion_matrix, plot_reliability_diagram
 from ..inference.results import ImageLevelResult
 from ..utils import atomic_write_text
+from .finalize import last_complete_checkpoint, recover_final_files
 
 logger = logging.getLogger(__name__)
+
+
+CV_RECORD = "cv_run.json"
+# Arguments that do not change a fold's result: where the run writes, logs and saves, what runs it, which folds run now.
+_NOT_SETTINGS = re.compile(
+    r"(_.*|output_dir|overwrite_output_dir|resume_.*|logging_.*|save_.*|dataloader_.*|num_proc|"
+    r"cache_dir|disable_tqdm|report_to|run_name|.*push.*|hub_.*|fold)"
+)
+
+
+def cv_settings(data_args: Any, model_args: Any, training_args: Any) -> dict[str, dict[str, Any]]:
+    """The arguments that decide a cross-validation run's folds, as JSON values (``{"data", "model", "training"}``)."""
+    settings = {}
+    for group, args in (("data", data_args), ("model", model_args), ("training", training_args)):
+        items = args.to_dict() if hasattr(args, "to_dict") else vars(args)
+        settings[group] = {k: v for k, v in items.items() if not _NOT_SETTINGS.fullmatch(k)}
+    return json.loads(json.dumps(settings, sort_keys=True, default=str))
+
+
+def _start_record(root: Path, settings: dict[str, Any], resume: bool) -> dict[str, Any]:
+    """The run's record (settings, fold wall times): a new one, or with ``resume`` the folder's, if it matches."""
+    path = root / CV_RECORD
+    if not resume or not root.is_dir() or not any(root.glob("fold_*")):
+        return {"settings": settings, "wall_seconds": {}}
+    if not path.is_file():
+        raise ValueError(
+            f"--resume_folds: {root} holds folds but no {CV_RECORD} (a run of an older hf-histo, or not a "
+            "cross-validation run): its settings cannot be checked. Pass --overwrite_output_dir to start again."
+        )
+    record = json.loads(path.read_text(encoding="utf-8"))
+    differ = sorted(
+        f"{group}.{key}"
+        for group in settings
+        for key in set(settings[group]) | set(record["settings"].get(group, {}))
+        if settings[group].get(key) != record["settings"].get(group, {}).get(key)
+    )
+    if differ:
+        raise ValueError(
+            f"--resume_folds: the run in {root} was made with other settings ({', '.join(differ[:8])}); its finished "
+            "folds would be mixed with this run's. Resume with the same arguments, or pass --overwrite_output_dir."
+        )
+    return record
 
 
 def _fold_args(
@@ -209,19 +253,35 @@ def run_cross_validation(
     if not n_folds or n_folds < 2:
         raise ValueError("run_cross_validation needs n_folds >= 2 (--n_folds)")
     root = Path(training_args.output_dir)
-    wall = {}
+    resume = bool(getattr(training_args, "resume_folds", False))
+    main_process = getattr(training_args, "process_index", 0) == 0
+    record = _start_record(root, cv_settings(data_args, model_args, training_args), resume)
+    wall = record["wall_seconds"]
+    if main_process:  # before the first fold: a run killed in it can be resumed
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(root / CV_RECORD, json.dumps(record, indent=2) + "\n")
     for fold in folds if folds is not None else range(n_folds):
         fold_data, fold_training = _fold_args(data_args, training_args, n_folds, fold, root, select_on_heldout)
+        fold_dir = Path(fold_training.output_dir)
+        if resume:
+            recover_final_files(fold_dir)  # a publication a kill interrupted is finished (or dropped) first
+            if (fold_dir / "metrics.json").is_file():
+                logger.info("fold %d/%d finished in the earlier run: kept", fold + 1, n_folds)
+                continue
+            checkpoint = last_complete_checkpoint(fold_dir)  # a fold a kill stopped goes on from there
+            fold_training.resume_from_checkpoint = str(checkpoint) if checkpoint else None
         start = time.perf_counter()
         train_fn(fold_data, model_args, fold_training)
-        wall[fold] = time.perf_counter() - start
-        logger.info("fold %d/%d done in %.0f s", fold + 1, n_folds, wall[fold])
+        wall[str(fold)] = round(time.perf_counter() - start, 1)
+        logger.info("fold %d/%d done in %.0f s", fold + 1, n_folds, wall[str(fold)])
+        if main_process:
+            atomic_write_text(root / CV_RECORD, json.dumps(record, indent=2) + "\n")
     fold_dirs = [root / f"fold_{k}" for k in range(n_folds) if (root / f"fold_{k}" / "metrics.json").is_file()]
     summary = None
-    if getattr(training_args, "process_index", 0) == 0:
+    if main_process:
         calibrate = getattr(training_args, "calibrate", True)
         summary = summarize_folds(fold_dirs, root, training_args.n_bootstrap, training_args.seed, calibrate)
-        summary["wall_seconds"] = {str(k): round(v, 1) for k, v in wall.items()}
+        summary["wall_seconds"] = dict(sorted(wall.items(), key=lambda item: int(item[0])))  # this run and resumed
         summary["select_on_heldout"] = select_on_heldout
         atomic_write_text(root / "cv_metrics.json", json.dumps(summary, indent=2) + "\n")
         logger.debug(  # the recipes print it in their end-of-run summary (training.summary)

@@ -52,6 +52,7 @@ RUN_ENTRIES = (
     "training_curves.png",
     "reliability_diagram.png",
     "cv_metrics.json",
+    "cv_run.json",  # run_cross_validation's settings and fold times
     "oof_image_predictions.csv",
     "oof_confusion_matrix.png",
 )
@@ -156,7 +157,10 @@ def run_entries(output_dir: str | os.PathLike) -> list[Path]:
 
 
 def check_output_dir(
-    output_dir: str | os.PathLike, overwrite: bool, resume_from_checkpoint: str | None, main_process: bool = True
+    output_dir: str | os.PathLike,
+    overwrite: bool,
+    resume_from_checkpoint: str | bool | None,
+    main_process: bool = True,
 ) -> None:
     """Refuse an output folder that holds another run, unless this run resumes it or overwrites it.
 
@@ -167,7 +171,8 @@ def check_output_dir(
         output_dir: `--output_dir`.
         overwrite: `--overwrite_output_dir`: remove the earlier run's checkpoints, folds and listed final files (main
             process); its other files are replaced by this run's final save.
-        resume_from_checkpoint: `--resume_from_checkpoint`: a checkpoint of this folder continues its run.
+        resume_from_checkpoint: `--resume_from_checkpoint`: a checkpoint of this folder continues its run; True
+            (`--resume_folds`): the cross-validation run of this folder continues (`run_cross_validation` checks it).
         main_process: Whether this process removes the files (the others only check).
 
     Raises:
@@ -185,6 +190,8 @@ def check_output_dir(
             for path in removed:
                 _remove(path)
         return
+    if resume_from_checkpoint is True:
+        return
     if resume_from_checkpoint and Path(resume_from_checkpoint).resolve().parent == output_dir.resolve():
         return
     checkpoint = last_complete_checkpoint(output_dir)
@@ -192,7 +199,8 @@ def check_output_dir(
     raise ValueError(
         f"--output_dir {output_dir} holds another run ({names}); a new run there would rotate its checkpoints away "
         "and mix its files with the new ones. Pass --overwrite_output_dir to replace it, "
-        f"--resume_from_checkpoint {checkpoint or output_dir / 'checkpoint-N'} to continue it, "
+        f"--resume_from_checkpoint {checkpoint or output_dir / 'checkpoint-N'} to continue it (--resume_folds: "
+        "a cross-validation run), "
         "or choose another --output_dir."
     )
 
