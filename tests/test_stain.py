@@ -1,6 +1,7 @@
 """Stain normalisation: Macenko to a pinned reference, its fallback, and the same pixels in the dataset and the engine."""
 
 import csv
+import dataclasses
 import logging
 import subprocess
 import sys
@@ -161,3 +162,20 @@ def test_cutting_processes_forked_after_torch_ran_normalise_without_hanging(tmp_
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split()[-1] == "12"
+
+
+def test_read_ahead_threads_normalise_as_one_thread_does():
+    patching = PatchingConfig(strategy="grid", patch_size=32, min_foreground=100, stain_norm="macenko")
+    model, processor = tiny_model(patching=patching.to_dict()), make_image_processor(32)
+    items = [(he_image(LAB_A if i % 2 else LAB_B, seed=i, size=64 + 8 * i), None, f"im{i}") for i in range(5)]
+    one = list(InferenceEngine(model, processor, num_workers=0).predict_many(items))
+    threads = list(InferenceEngine(model, processor, num_workers=2, batch_size=4).predict_many(items))
+    raw = list(
+        InferenceEngine(model, processor, patching=dataclasses.replace(patching, stain_norm="none")).predict_many(
+            items
+        )
+    )
+    for a, b, c in zip(one, threads, raw):
+        np.testing.assert_allclose(a.probs, b.probs, atol=1e-6)
+        assert np.array_equal(a.boxes, c.boxes)
+    assert any(not np.allclose(a.patch_probs, c.patch_probs, atol=1e-4) for a, c in zip(one, raw))

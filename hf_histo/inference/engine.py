@@ -50,7 +50,7 @@ MASK_FALLBACKS = ("empty_mask_tissue", "empty_mask_whole", "empty_roi_tissue", "
 # model's, and stops the run.
 ITEM_ERRORS = (ValueError, TypeError)
 # load_rgb and load_mask change PIL's global pixel limit and the warnings filters while they decode, which is not
-# thread-safe: read-ahead threads take turns to decode and patch; cropping and resizing run in parallel.
+# thread-safe: read-ahead threads take turns to decode an image and its mask; the rest of `load` runs in parallel.
 _DECODE_LOCK = threading.Lock()
 
 
@@ -141,7 +141,12 @@ class InferenceEngine:
         Returns:
             A `PatchedImage` (its image: the stain-normalised one, which the patches are cut from).
         """
-        mask_array, mask_source = resolve_roi_mask(
+        return self._select(image, *self._resolve_mask(image, mask, resize_mask, name), name)
+
+    def _resolve_mask(
+        self, image: Image.Image, mask: Any, resize_mask: bool, name: str | None
+    ) -> tuple[np.ndarray, str]:
+        return resolve_roi_mask(
             self.roi,
             image,
             mask,
@@ -150,6 +155,8 @@ class InferenceEngine:
             image_path=name,
             max_pixels=self.max_image_pixels,
         )
+
+    def _select(self, image: Image.Image, mask_array: np.ndarray, mask_source: str, name: str | None) -> PatchedImage:
         boxes, fell_back = self.patching.boxes_with_fallback(mask_array)
         fallback = FALLBACK_BEST_TILE if fell_back else (mask_source if mask_source in MASK_FALLBACKS else None)
         array = np.asarray([tuple(b) for b in boxes], dtype=np.int64).reshape(-1, 5)
@@ -215,8 +222,10 @@ class InferenceEngine:
         timeout: float | None = None,
     ) -> PatchedImage:
         """``decode``, ``patch`` and ``cut`` one image: a `PatchedImage` with its ``patches`` (thread-safe)."""
-        with _DECODE_LOCK:
-            patched = self.patch(self.decode(image, timeout, name), mask, resize_mask, name)
+        with _DECODE_LOCK:  # decoding the image and the mask; the boxes and the stain normalisation run in parallel
+            image = self.decode(image, timeout, name)
+            resolved = self._resolve_mask(image, mask, resize_mask, name)
+        patched = self._select(image, *resolved, name)
         patched.patches = self.cut(patched)
         return patched
 
