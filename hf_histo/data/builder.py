@@ -88,15 +88,16 @@ class HistoPatchesConfig(datasets.BuilderConfig):
 def config_name(patching: PatchingConfig) -> str:
     """A readable config name from the patching parameters, e.g. ``topk-p128-s64-k12`` or ``whole-macenko``."""
     p = patching
-    stain = "" if p.stain_norm == "none" else f"-{p.stain_norm}"
     if p.strategy == "grid":
         name = f"grid-p{p.patch_size}-s{p.stride or p.patch_size}-f{p.min_foreground}"
-        return name + (f"-r{p.min_fraction:g}" if p.min_fraction is not None else "") + stain
-    if p.strategy == "topk":
-        return f"topk-p{p.patch_size}-s{p.topk_stride}-k{p.top_k}{stain}"
-    if p.strategy == "components":
-        return f"components-a{p.min_area}-pad{p.pad}{stain}"
-    return f"whole{stain}"
+        name += f"-r{p.min_fraction:g}" if p.min_fraction is not None else ""
+    elif p.strategy == "topk":
+        name = f"topk-p{p.patch_size}-s{p.topk_stride}-k{p.top_k}"
+    elif p.strategy == "components":
+        name = f"components-a{p.min_area}-pad{p.pad}"
+    else:
+        name = "whole"
+    return name if p.stain_norm == "none" else f"{name}-{p.stain_norm}"
 
 
 class HistoPatches(datasets.ArrowBasedBuilder):

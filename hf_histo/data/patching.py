@@ -22,6 +22,12 @@ EMPTY_FALLBACKS = ("tissue", "whole")
 STAIN_NORMS = ("none", "macenko")  # hf_histo/data/stain.py applies them
 
 
+def check_stain_norm(method: str) -> None:
+    """Raise a ValueError naming the choices unless ``method`` is one of ``STAIN_NORMS``."""
+    if method not in STAIN_NORMS:
+        raise ValueError(f"unknown stain normalisation {method!r}; choose one of {list(STAIN_NORMS)}")
+
+
 class PatchBox(NamedTuple):
     """A patch rectangle in image pixels; it may reach past the image edge (padded when cropped).
 
@@ -320,8 +326,7 @@ class PatchingConfig:
             raise ValueError(f"patch_size and stride must be positive, got {self.patch_size}, {self.stride}")
         if self.empty_fallback not in EMPTY_FALLBACKS:
             raise ValueError(f"empty_fallback must be 'tissue' or 'whole', got {self.empty_fallback!r}")
-        if self.stain_norm not in STAIN_NORMS:
-            raise ValueError(f"unknown stain normalisation {self.stain_norm!r}; choose one of {list(STAIN_NORMS)}")
+        check_stain_norm(self.stain_norm)
         if self.min_fraction is not None and not 0.0 < self.min_fraction <= 1.0:
             raise ValueError(f"min_fraction must be in (0, 1] (or None), got {self.min_fraction}")
         if self.top_k < 1:

@@ -15,13 +15,12 @@ try:  # only a model trained with stain normalisation needs torchstain (see `nor
 except ImportError:
     torchstain = None
 
-from .patching import STAIN_NORMS
+from .patching import check_stain_norm
 
 logger = logging.getLogger(__name__)
 
-TORCHSTAIN_REQUIREMENT = (
-    "torchstain>=1.3"  # as in pyproject.toml; a Hub folder's requirements.txt lists it when needed
-)
+# As in pyproject.toml; a Hub folder's requirements.txt lists it when its model normalises stain.
+TORCHSTAIN_REQUIREMENT = "torchstain>=1.3"
 
 # The Macenko target: H&E stain vectors in optical density (columns) and the 99th-percentile stain concentrations.
 # torchstain's reference (1.3 and 1.4), pinned here so that a torchstain release cannot change a trained model's inputs.
@@ -55,7 +54,7 @@ def macenko(rgb: np.ndarray) -> np.ndarray | None:
     try:
         with np.errstate(divide="raise", invalid="raise", over="ignore", under="ignore"):  # exp() may saturate
             out, _, _ = normalizer.normalize(
-                I=np.asarray(rgb), Io=MACENKO_IO, alpha=MACENKO_ALPHA, beta=MACENKO_BETA, stains=False
+                I=rgb, Io=MACENKO_IO, alpha=MACENKO_ALPHA, beta=MACENKO_BETA, stains=False
             )
     except (ArithmeticError, ValueError, IndexError):  # FloatingPointError; LinAlgError is a ValueError
         return None
@@ -72,14 +71,13 @@ def normalize_stain(image: Image.Image, method: str = "none", name: str | None =
 
     Args:
         image: An RGB image.
-        method: One of ``STAIN_NORMS``.
+        method: One of ``patching.STAIN_NORMS``.
         name: The image's path or id, for the warning.
 
     Raises:
         ImportError: ``method`` needs torchstain and it is not installed.
     """
-    if method not in STAIN_NORMS:
-        raise ValueError(f"unknown stain normalisation {method!r}; choose one of {list(STAIN_NORMS)}")
+    check_stain_norm(method)
     if method == "none":
         return image
     if torchstain is None:

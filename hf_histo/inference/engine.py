@@ -58,10 +58,10 @@ class InferenceEngine:
     """Classify whole images with a patch classifier exactly as it was trained and evaluated.
 
     Stages, each callable (and timeable) on its own: ``decode`` (the one RGB conversion, shared with the dataset
-    builder) -> ``patch`` (mask or tissue detection, then the model's ``PatchingConfig``: boxes, stain) -> ``cut`` (the patches
-    as one uint8 tensor at the processor's size) -> ``to_model`` (the processor's normalisation, on the model's
-    device) -> ``forward`` (batched, TTA views averaged) -> ``aggregate`` (the image vote). ``load`` is decode,
-    patch and cut: what the read-ahead threads of ``predict_many`` do while the model runs.
+    builder) -> ``patch`` (mask or tissue detection, then the model's ``PatchingConfig``: boxes, stain) -> ``cut``
+    (the patches as one uint8 tensor at the processor's size) -> ``to_model`` (the processor's normalisation, on the
+    model's device) -> ``forward`` (batched, TTA views averaged) -> ``aggregate`` (the image vote). ``load`` is
+    decode, patch and cut: what the read-ahead threads of ``predict_many`` do while the model runs.
 
     The saved image processor's resize and normalisation run as tensor ops on all patches of an image at once
     (`PixelTransform`: the numbers of transformers' torchvision `ViTImageProcessor` and of training's evaluation
