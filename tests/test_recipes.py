@@ -202,6 +202,11 @@ def test_a_killed_cross_validation_resumes_where_it_stopped(demo_data, tmp_path,
         run_recipe("resnet_scratch", *argv)
     with pytest.raises(ValueError, match=r"other settings \(training\.learning_rate\)"):
         run_recipe("resnet_scratch", *argv, "--resume_folds", "true", "--learning_rate", "0.5")
+    record = json.loads((out / "cv_run.json").read_text())
+    del record["settings"]["training"]["ema_decay"]  # as a version without the argument wrote it
+    (out / "cv_run.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"other settings \(training\.ema_decay\)"):  # its default, 0, is not 0.5
+        run_recipe("resnet_scratch", *argv, "--resume_folds", "true", "--ema_decay", "0.5")
     kept = (out / "fold_0" / "model.safetensors").stat().st_mtime_ns
     seen.clear()
     run_recipe("resnet_scratch", *argv, "--resume_folds", "true")
@@ -210,6 +215,7 @@ def test_a_killed_cross_validation_resumes_where_it_stopped(demo_data, tmp_path,
     summary = json.loads((out / "cv_metrics.json").read_text())
     assert summary["n_folds"] == 3 and summary["oof"]["metrics"]["n"] == 12
     assert sorted(summary["wall_seconds"]) == ["0", "1", "2"]  # the earlier run's fold 0 included
+    assert json.loads((out / "cv_run.json").read_text())["settings"]["training"]["ema_decay"] == 0.0
 
 
 def test_whole_image_strategy(demo_data, tmp_path):

@@ -18,7 +18,7 @@ from hf_histo.inference.results import ImageLevelResult
 from hf_histo.models.aggregation import aggregate_by_image
 from hf_histo.models.ensemble import FoldEnsemble
 from hf_histo.training.arguments import DataArguments, HistoTrainingArguments, ModelArguments, parse_args
-from hf_histo.training.callbacks import ProgressiveUnfreezeCallback
+from hf_histo.training.callbacks import ProgressiveUnfreezeCallback, logged_evaluation
 from hf_histo.training.cross_validation import summarize_folds
 from hf_histo.training.finalize import finalize_run
 from hf_histo.training.metrics import ImageLevelMetrics
@@ -118,6 +118,7 @@ def test_argument_precedence_recipe_demo_config_cli(tmp_path):
         (["--class_weights", "1", "2"], "--class_weights needs --loss weighted_ce or focal"),
         (["--early_stopping_patience", "2", "--eval_strategy", "no"], "needs an eval strategy"),
         (["--tta", "five_crop"], "--tta='five_crop' is not supported"),
+        (["--ema_decay", "1"], "--ema_decay must be in"),
     ],
 )
 def test_bad_arguments_name_the_fix(tmp_path, argv, message):
@@ -346,3 +347,62 @@ def test_fold_summary_and_ensemble(tiny, tmp_path):
     with torch.no_grad():
         expected = torch.stack([torch.softmax(m(pixel_values=x).logits, -1) for m in ensemble.models]).mean(0)
         torch.testing.assert_close(ensemble(x).logits.exp(), expected)
+
+
+# ---- weight EMA ------------------------------------------------------------------------------------------------
+class _RawWeights(TrainerCallback):
+    """The training weights after each optimizer step (callbacks passed in run before `WeightEmaCallback`)."""
+
+    def __init__(self):
+        self.states = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+
+def test_the_model_ends_with_the_warmed_up_average_of_its_steps(tiny, tmp_path):
+    raw = _RawWeights()
+    trainer = _trainer(tiny, tmp_path / "run", ema_decay=0.9, eval_strategy="no", save_strategy="no", callbacks=[raw])
+    trainer.train()
+    expected = None
+    for step, weights in enumerate(raw.states, start=1):
+        decay = 0.0 if step == 1 else min(0.9, 1 - step ** (-2 / 3))  # timm's warm-up: 1 - (1 + (step - 1))^-2/3
+        if expected is None:
+            expected = {k: v.clone() for k, v in weights.items()}
+        for k, v in weights.items():
+            expected[k] = expected[k] * decay + v * (1 - decay) if v.is_floating_point() else v.clone()
+    final = trainer.model.state_dict()
+    assert len(raw.states) > 5
+    for k, v in final.items():
+        torch.testing.assert_close(v, expected[k], atol=1e-6, rtol=1e-5, msg=k)
+    last = raw.states[-1]
+    assert any(not torch.allclose(final[k], last[k]) for k in last if last[k].is_floating_point())
+
+
+def test_evaluations_score_the_average_and_the_best_checkpoint_keeps_its_own(tiny, tmp_path):
+    trainer = _trainer(tiny, tmp_path / "run", ema_decay=0.8, num_train_epochs=3, metric_for_best_model="eval_loss")
+    trainer.args.greater_is_better = False
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best and (Path(best) / "ema.pt").is_file()
+    logged = logged_evaluation(trainer.state.log_history, trainer.state.best_global_step, "eval_loss")
+    again = trainer.evaluate()  # the model now holds the best checkpoint's average, scored as during training
+    assert again["eval_loss"] == pytest.approx(logged["eval_loss"], abs=1e-5)
+    assert again["eval_image_macro_f1"] == pytest.approx(logged["eval_image_macro_f1"])
+
+
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_resume_continues_the_average(tiny, tmp_path, ema_decay):
+    kw = dict(ema_decay=ema_decay, save_strategy="steps", save_steps=3, eval_strategy="no", full_determinism=True)
+    full = _trainer(tiny, tmp_path / "full", **kw)
+    full.train()
+    _trainer(tiny, tmp_path / "resumed", callbacks=[_StopAfter(3)], **kw).train()
+    resumed = _trainer(tiny, tmp_path / "resumed", **kw)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-3"))
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+    if ema_decay:  # a checkpoint without the average cannot continue one
+        plain = _trainer(tiny, tmp_path / "plain", callbacks=[_StopAfter(3)], **{**kw, "ema_decay": 0.0})
+        plain.train()
+        with pytest.raises(FileNotFoundError, match="saved without --ema_decay"):
+            _trainer(tiny, tmp_path / "plain", **kw).train(resume_from_checkpoint=str(tmp_path / "plain/checkpoint-3"))

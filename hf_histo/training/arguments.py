@@ -248,6 +248,7 @@ class HistoTrainingArguments(TrainingArguments):
         default=None, metadata={"help": "Stop after this many evaluations without image macro-F1 improvement."}
     )
     tta: str = field(default="none", metadata={"help": "Test-time augmentation at evaluation: none, flips, d4."})
+    ema_decay: float = field(default=0.0, metadata={"help": "Decay of a weight EMA the model ends with (0: off)."})
     n_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples for the image macro-F1 95% CI."})
     calibrate: bool = field(
         default=True,
@@ -348,9 +349,9 @@ class HistoTrainingArguments(TrainingArguments):
             raise ValueError(
                 "--mil_epochs/--mil_batch_size must be >= 1, --mil_learning_rate > 0, --mil_weight_decay >= 0"
             )
-        if str(self.eval_strategy) == "no":
-            self.load_best_model_at_end = False
-        if str(self.save_strategy) == "no":
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"--ema_decay must be in [0, 1) (0: no weight average), got {self.ema_decay}")
+        if "no" in (str(self.eval_strategy), str(self.save_strategy)):
             self.load_best_model_at_end = False
         if self.push_to_hub:  # hf_histo.hub.save_run uploads the complete folder; Trainer's own push stays off
             if not self.hub_model_id:

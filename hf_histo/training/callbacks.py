@@ -1,13 +1,16 @@
-"""Trainer callbacks: progressive unfreezing by learning-rate gating (DDP- and resume-safe), best-checkpoint report."""
+"""Trainer callbacks: progressive unfreezing (learning-rate gating), weight EMA, best-checkpoint report; resume-safe."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
+from timm.utils import ModelEmaV3
 from transformers import TrainerCallback
 
 logger = logging.getLogger(__name__)
@@ -192,6 +195,76 @@ class ProgressiveUnfreezeCallback(TrainerCallback):
 def format_epoch(epoch: float) -> str:
     """An epoch as people write it: `3` for a whole epoch, `0.08` for part of one."""
     return str(round(epoch)) if abs(epoch - round(epoch)) < 1e-6 else f"{epoch:.2f}"
+
+
+class WeightEmaCallback(TrainerCallback):
+    """An exponential moving average of the weights (timm `ModelEmaV3`), which the model ends training with.
+
+    The average is updated after every optimizer step, with timm's warm-up (the decay grows as
+    ``1 - (1 + step) ** -2/3`` up to ``decay``, so that a short run does not average its first, random weights).
+    `HistoTrainer.evaluate` scores the averaged weights during training (`averaged`), so checkpoint selection
+    and early stopping judge the weights that are kept. Each checkpoint stores the average next to the training
+    weights (``ema.pt``): a resumed run continues it, and at the end of training the model takes the average of
+    the best checkpoint (``--load_best_model_at_end``) or the current one.
+
+    Args:
+        decay: The largest decay, in ``(0, 1)``.
+    """
+
+    FILE = "ema.pt"
+
+    def __init__(self, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"--ema_decay must be in (0, 1) (0 turns the average off), got {decay}")
+        self.decay = decay
+        self.ema: ModelEmaV3 | None = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        """Start the average from the model, or from the resumed checkpoint's ``ema.pt``."""
+        self.ema = ModelEmaV3(model, decay=self.decay, use_warmup=True)
+        if state.global_step > 0:  # resumed: Trainer has loaded the checkpoint's state before this call
+            path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / self.FILE
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"{path} is missing: the checkpoint was saved without --ema_decay, so its average cannot "
+                    "continue; resume without --ema_decay or train again"
+                )
+            self.ema.module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        """Fold the weights of this optimizer step into the average."""
+        self.ema.update(model, step=state.global_step)
+
+    def on_save(self, args, state, control, **kwargs):
+        """Store the average in the checkpoint Trainer has just written (main process)."""
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            tmp = folder / f"{self.FILE}.tmp"
+            torch.save(self.ema.module.state_dict(), tmp)
+            tmp.replace(folder / self.FILE)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        """Give the model the average: the best checkpoint's when Trainer has just loaded it, else the current one."""
+        best = state.best_model_checkpoint if args.load_best_model_at_end else None
+        if best is not None:
+            averaged = torch.load(Path(best) / self.FILE, map_location="cpu", weights_only=True)
+        else:
+            averaged = self.ema.module.state_dict()
+        model.load_state_dict(averaged)
+        self.ema = None  # training is over: later evaluations score the model, which now holds the average
+
+    @contextlib.contextmanager
+    def averaged(self, model: torch.nn.Module) -> Iterator[None]:
+        """While training runs, hold the averaged weights in `model` for the block, then restore its own."""
+        if self.ema is None:
+            yield
+            return
+        own = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(self.ema.module.state_dict())
+        try:
+            yield
+        finally:
+            model.load_state_dict(own)
 
 
 def logged_evaluation(log_history: Sequence[dict[str, Any]], step: int, key: str) -> dict[str, Any] | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import re
@@ -40,8 +41,28 @@ def cv_settings(data_args: Any, model_args: Any, training_args: Any) -> dict[str
     return json.loads(json.dumps(settings, sort_keys=True, default=str))
 
 
-def _start_record(root: Path, settings: dict[str, Any], resume: bool) -> dict[str, Any]:
-    """The run's record (settings, fold wall times): a new one, or with ``resume`` the folder's, if it matches."""
+def _field_defaults(*groups: Any) -> dict[str, dict[str, Any]]:
+    """The dataclass defaults of the three argument groups, as JSON values, in `cv_settings`' layout."""
+    defaults = {}
+    for group, args in zip(("data", "model", "training"), groups):
+        values = {}
+        for f in dataclasses.fields(args):
+            if f.default is not dataclasses.MISSING:
+                values[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                values[f.name] = f.default_factory()
+        defaults[group] = values
+    return json.loads(json.dumps(defaults, sort_keys=True, default=str))
+
+
+def _start_record(
+    root: Path, settings: dict[str, Any], resume: bool, defaults: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The run's record (settings, fold wall times): a new one, or with ``resume`` the folder's, if it matches.
+
+    A setting the record lacks (an argument added by a later hf-histo) matches its dataclass default in
+    ``defaults``: a new argument's default keeps the behaviour of the version that made the record.
+    """
     path = root / CV_RECORD
     if not resume or not root.is_dir() or not any(root.glob("fold_*")):
         return {"settings": settings, "wall_seconds": {}}
@@ -51,18 +72,19 @@ def _start_record(root: Path, settings: dict[str, Any], resume: bool) -> dict[st
             "cross-validation run): its settings cannot be checked. Pass --overwrite_output_dir to start again."
         )
     record = json.loads(path.read_text(encoding="utf-8"))
+    recorded = {group: {**(defaults or {}).get(group, {}), **record["settings"].get(group, {})} for group in settings}
     differ = sorted(
         f"{group}.{key}"
         for group in settings
         for key in set(settings[group]) | set(record["settings"].get(group, {}))
-        if settings[group].get(key) != record["settings"].get(group, {}).get(key)
+        if settings[group].get(key) != recorded[group].get(key)
     )
     if differ:
         raise ValueError(
             f"--resume_folds: the run in {root} was made with other settings ({', '.join(differ[:8])}); its finished "
             "folds would be mixed with this run's. Resume with the same arguments, or pass --overwrite_output_dir."
         )
-    return record
+    return {**record, "settings": settings}  # written back with the arguments an older record lacked
 
 
 def _fold_args(
@@ -255,7 +277,8 @@ def run_cross_validation(
     root = Path(training_args.output_dir)
     resume = bool(getattr(training_args, "resume_folds", False))
     main_process = getattr(training_args, "process_index", 0) == 0
-    record = _start_record(root, cv_settings(data_args, model_args, training_args), resume)
+    settings = cv_settings(data_args, model_args, training_args)
+    record = _start_record(root, settings, resume, _field_defaults(data_args, model_args, training_args))
     wall = record["wall_seconds"]
     if main_process:  # before the first fold: a run killed in it can be resumed
         root.mkdir(parents=True, exist_ok=True)

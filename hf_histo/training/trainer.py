@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -18,6 +19,7 @@ from ..inference.engine import patch_probabilities
 from .callbacks import (
     BestCheckpointReport,
     ProgressiveUnfreezeCallback,
+    WeightEmaCallback,
     drop_gated_gradients,
     gated_parameters,
     logged_evaluation,
@@ -147,8 +149,8 @@ class HistoTrainer(Trainer):
     It overrides only what it must: the optimizer (layer-wise LR decay, head LR, AdamW/Lion/SGD), the loss (any
     `losses.build_loss` module, CutMix/MixUp soft targets), the training step (gated gradients of blocks not yet
     unfrozen), evaluation (streaming image-level metrics, optional TTA) and the sampler (class-balanced option).
-    With `HistoTrainingArguments` it adds `ProgressiveUnfreezeCallback` (`--unfreeze_every_epochs`) and
-    `EarlyStoppingCallback` (`--early_stopping_patience`) by itself. Training data with fewer than two classes is
+    With `HistoTrainingArguments` it adds `ProgressiveUnfreezeCallback` (`--unfreeze_every_epochs`),
+    `WeightEmaCallback` (`--ema_decay`) and `EarlyStoppingCallback` (`--early_stopping_patience`) by itself. Training data with fewer than two classes is
     refused; of evaluations tied on `metric_for_best_model` the best checkpoint is the one of lower `eval_loss`
     (`BestCheckpointReport` logs which one was kept).
 
@@ -195,6 +197,9 @@ class HistoTrainer(Trainer):
         if training_args is not None and getattr(training_args, "early_stopping_patience", None):
             if not any(isinstance(c, EarlyStoppingCallback) for c in callbacks):
                 callbacks.append(EarlyStoppingCallback(training_args.early_stopping_patience))
+        if training_args is not None and getattr(training_args, "ema_decay", 0.0):
+            if not any(isinstance(c, WeightEmaCallback) for c in callbacks):
+                callbacks.append(WeightEmaCallback(training_args.ema_decay))
         if not any(isinstance(c, BestCheckpointReport) for c in callbacks):
             callbacks.append(BestCheckpointReport())
         kwargs["callbacks"] = callbacks
@@ -334,10 +339,12 @@ class HistoTrainer(Trainer):
 
     # ---- evaluation ----------------------------------------------------------------------------------------
     def evaluation_loop(self, dataloader, *args, **kwargs):
-        """Bind the streaming image-level metrics to the dataset about to be evaluated."""
+        """Bind the streaming image-level metrics to the dataset; score the weight average while it trains (EMA)."""
         if isinstance(self.compute_metrics, ImageLevelMetrics):
             self.compute_metrics.start(getattr(dataloader, "dataset", None))
-        return super().evaluation_loop(dataloader, *args, **kwargs)
+        ema = next((c for c in self.callback_handler.callbacks if isinstance(c, WeightEmaCallback)), None)
+        with ema.averaged(self.model) if ema is not None else contextlib.nullcontext():
+            return super().evaluation_loop(dataloader, *args, **kwargs)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Patch probabilities for `ImageLevelMetrics`: softmax averaged over the `--tta` views (pixel inputs).
