@@ -126,6 +126,15 @@ def test_bad_arguments_name_the_fix(tmp_path, argv, message):
         parse_args({}, ["--data_dir", "D", "--output_dir", str(tmp_path), *argv])
 
 
+def test_one_fold_of_a_cv_run_chooses_nothing_on_its_held_out_images(tmp_path):
+    """`--n_folds 5 --fold k` trains fold k as the whole `--n_folds 5` run does: the held-out images only score it."""
+    argv = ["--data_dir", "D", "--n_folds", "5", "--fold", "2", "--early_stopping_patience", "2"]
+    _, _, args = parse_args({}, [*argv, "--output_dir", str(tmp_path / "fold")])
+    assert not args.load_best_model_at_end and args.early_stopping_patience is None
+    _, _, single = parse_args({}, ["--data_dir", "D", "--output_dir", str(tmp_path / "single")])
+    assert single.load_best_model_at_end  # a plain run keeps choosing on its own validation split
+
+
 def test_unknown_names_in_a_config_file_are_rejected(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("lerning_rate: 0.1\n")

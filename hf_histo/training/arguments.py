@@ -18,7 +18,7 @@ from ..data.transforms import AUGMENTATIONS
 from ..data.workers import default_num_proc, default_num_workers
 from ..models.aggregation import AGGREGATIONS
 from ..models.configuration_histo import FREEZE_POLICIES, HEADS, TTA_MODES
-from .config_file import given, load_config_file, pop_config
+from .config_file import bool_flag, given, load_config_file, pop_config
 from .launch import exit_on_data_error, relaunch_for_cpu_ddp
 
 OPTIMIZERS = ("adamw", "lion", "sgd")
@@ -86,7 +86,9 @@ class DataArguments:
     n_folds: int | None = field(
         default=None, metadata={"help": "Grouped k-fold cross-validation: train one model per fold (e.g. 5)."}
     )
-    fold: int | None = field(default=None, metadata={"help": "Run only this fold of --n_folds (0-based)."})
+    fold: int | None = field(
+        default=None, metadata={"help": "Run only this fold of --n_folds (0-based), as --n_folds alone trains it."}
+    )
     image_size: int | None = field(
         default=None, metadata={"help": "Model input side in pixels (default: the backbone image processor's)."}
     )
@@ -399,14 +401,7 @@ def parse_args(
     known = {f.name for cls in ARGUMENT_CLASSES for f in fields(cls)}
     merged: dict[str, Any] = dict(defaults or {})
     file_values = load_config_file(config_path) if config_path else {}
-    demo = bool(file_values.get("demo", merged.get("demo")))
-    for i, arg in enumerate(argv):
-        if arg == "--demo":
-            value = argv[i + 1].lower() if i + 1 < len(argv) and not argv[i + 1].startswith("--") else "true"
-            demo = value in ("1", "true", "yes", "y")
-        elif arg.startswith("--demo="):
-            demo = arg.split("=", 1)[1].lower() in ("1", "true", "yes", "y")
-    if demo:
+    if bool_flag("demo", argv, bool(file_values.get("demo", merged.get("demo")))):
         merged.update(DEMO_DEFAULTS)
         if merged.get("unfreeze_every_epochs"):
             merged["unfreeze_every_epochs"] = 1
@@ -430,8 +425,7 @@ def parse_args(
     if values.get("val_fraction") == 0 and not values.get("n_folds") and not given("eval_strategy", argv, merged):
         values["eval_strategy"] = "no"  # no validation split: nothing to evaluate (Trainer refuses "epoch")
     if values.get("demo"):
-        if not values.get("output_dir"):
-            values["output_dir"] = "hf_histo_demo"
+        values["output_dir"] = values.get("output_dir") or "hf_histo_demo"
         values["model_name_or_path"] = values["demo_model"]
         if values.get("data_dir") is None:
             values["data_dir"] = str(Path(values["output_dir"]) / "demo_data")
@@ -439,9 +433,12 @@ def parse_args(
     for cls in ARGUMENT_CLASSES:
         names = {f.name for f in fields(cls) if f.init}
         outputs.append(cls(**{k: v for k, v in values.items() if k in names}))
+    from .cross_validation import score_only_on_heldout
     from .finalize import check_output_dir  # the run folder's layout lives with the code that writes it
 
     args = outputs[-1]
+    if outputs[0].n_folds and outputs[0].fold is not None:  # one fold of a CV run: its held-out images score it
+        score_only_on_heldout(args, outputs[0].fold)
     main_process = int(os.environ.get("RANK", "0")) == 0  # removes an overwritten run; the other ranks only check
     if args.resume_folds and not (outputs[0].n_folds and outputs[0].fold is None):
         raise ValueError("--resume_folds continues a cross-validation run: it needs --n_folds (and no --fold)")

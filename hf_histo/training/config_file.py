@@ -47,3 +47,15 @@ def given(name: str, argv: Sequence[str], preset: Mapping[str, Any]) -> bool:
     """Whether the recipe, the config file or the command line set `name` (rather than the dataclass default)."""
     flags = {name, f"no_{name}"}
     return name in preset or any(a.startswith("--") and a[2:].split("=")[0].replace("-", "_") in flags for a in argv)
+
+
+def bool_flag(name: str, argv: Sequence[str], default: bool) -> bool:
+    """The value of `--name [VALUE]` / `--name=VALUE` in `argv` (the last one wins; bare: true), else `default`."""
+    value = default
+    for i, arg in enumerate(argv):
+        if arg == f"--{name}":
+            word = argv[i + 1].lower() if i + 1 < len(argv) and not argv[i + 1].startswith("--") else "true"
+            value = word in ("1", "true", "yes", "y")
+        elif arg.startswith(f"--{name}="):
+            value = arg.split("=", 1)[1].lower() in ("1", "true", "yes", "y")
+    return value

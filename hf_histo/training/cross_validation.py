@@ -87,16 +87,27 @@ def _start_record(
     return {**record, "settings": settings}  # written back with the arguments an older record lacked
 
 
+def score_only_on_heldout(training_args: Any, fold: int) -> None:
+    """Turn off checkpoint selection and early stopping on a fold's held-out images, which score the model.
+
+    Both `run_cross_validation` (each fold) and a single ``--n_folds N --fold k`` run apply it, so fold ``k``
+    trains and reports the same figure either way.
+    """
+    if training_args.load_best_model_at_end or getattr(training_args, "early_stopping_patience", None):
+        logger.info("fold %d: no checkpoint selection or early stopping on its held-out images (they score it)", fold)
+    training_args.load_best_model_at_end = False
+    if hasattr(training_args, "early_stopping_patience"):
+        training_args.early_stopping_patience = None
+
+
 def _fold_args(
     data_args: Any, training_args: Any, n_folds: int, fold: int, output_dir: Path, select_on_heldout: bool
 ) -> tuple[Any, Any]:
     fold_data = copy.copy(data_args)
     fold_data.n_folds, fold_data.fold = n_folds, fold
     fold_training = copy.copy(training_args)
-    if not select_on_heldout:  # the held-out fold scores the model; it must not also pick it
-        fold_training.load_best_model_at_end = False
-        if hasattr(fold_training, "early_stopping_patience"):
-            fold_training.early_stopping_patience = None
+    if not select_on_heldout:
+        score_only_on_heldout(fold_training, fold)
     fold_training.push_final_to_hub = False  # fold models stay local (an ensemble); push the one you pick
     fold_training.output_dir = str(output_dir / f"fold_{fold}")
     if getattr(training_args, "logging_dir", None):
