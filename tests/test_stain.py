@@ -87,6 +87,27 @@ def test_a_failed_or_non_finite_estimate_falls_back_with_a_warning(monkeypatch, 
     assert "odd.png: the macenko stain estimate failed" in caplog.text
 
 
+def test_the_banded_transform_is_torchstains():
+    rgb = he_image(LAB_B, seed=3, size=120)
+    normalizer = stain.torchstain.normalizers.MacenkoNormalizer(backend="numpy")
+    normalizer.HERef, normalizer.maxCRef = np.array(stain.MACENKO_HE_REF), np.array(stain.MACENKO_MAX_C_REF)
+    whole, _, _ = normalizer.normalize(I=rgb, Io=240, alpha=1, beta=0.15, stains=False)
+    normalizer.fit(rgb, Io=240, alpha=1, beta=0.15)  # the estimate alone: this image's stains and concentrations
+    ours = stain._to_reference(rgb, normalizer.HERef, normalizer.maxCRef)
+    difference = np.abs(ours.astype(int) - whole.astype(int))
+    assert difference.max() <= 1 and (difference > 0).mean() < 0.001  # lstsq rounding at the uint8 cast
+
+
+def test_a_large_image_is_estimated_on_a_subsample_and_normalised_in_bands(monkeypatch):
+    image = Image.fromarray(he_image(LAB_B, seed=1, size=200, strength=0.7))
+    one_piece = np.asarray(normalize_stain(image, "macenko"), float)
+    monkeypatch.setattr(stain, "MACENKO_ONE_PIECE_PIXELS", 10_000)  # 40,000 pixels: every 2nd one, 12-row bands
+    banded = np.asarray(normalize_stain(image, "macenko"), float)
+    assert banded.shape == one_piece.shape
+    assert np.abs(banded - one_piece).mean() < 1.5  # the subsample's estimate is the image's, to a grey level
+    assert np.abs(banded - np.asarray(image, float)).mean() > 5 * np.abs(banded - one_piece).mean()
+
+
 def test_without_torchstain_the_error_says_what_to_install(monkeypatch):
     monkeypatch.setattr(stain, "torchstain", None)
     with pytest.raises(ImportError, match=r"pip install 'torchstain>=1\.3'"):

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 from PIL import Image
@@ -29,6 +30,10 @@ MACENKO_MAX_C_REF = (1.9705, 1.0308)
 MACENKO_IO, MACENKO_ALPHA, MACENKO_BETA = 240, 1, 0.15  # light intensity, angle percentile, optical-density threshold
 # Fewer stained pixels (optical density >= beta in every channel) than this leave the stain estimate to noise.
 MIN_STAINED_PIXELS = 256
+# torchstain's one-piece normalisation peaks at ~85 bytes per pixel (float64 densities, concentrations, copies).
+# Larger images are estimated on an evenly strided subsample of about this many pixels and transformed in bands of
+# rows, so that memory stays ~10 bytes per pixel beyond the image at any size.
+MACENKO_ONE_PIECE_PIXELS = 4_000_000
 
 
 def stained_pixels(rgb: np.ndarray) -> int:
@@ -51,14 +56,39 @@ def macenko(rgb: np.ndarray) -> np.ndarray | None:
     normalizer = torchstain.normalizers.MacenkoNormalizer(backend="numpy")  # one per call: threads share none
     normalizer.HERef = np.array(MACENKO_HE_REF)
     normalizer.maxCRef = np.array(MACENKO_MAX_C_REF)
+    height, width = rgb.shape[:2]
     try:
         with np.errstate(divide="raise", invalid="raise", over="ignore", under="ignore"):  # exp() may saturate
-            out, _, _ = normalizer.normalize(
-                I=rgb, Io=MACENKO_IO, alpha=MACENKO_ALPHA, beta=MACENKO_BETA, stains=False
-            )
+            if height * width <= MACENKO_ONE_PIECE_PIXELS:
+                out, _, _ = normalizer.normalize(
+                    I=rgb, Io=MACENKO_IO, alpha=MACENKO_ALPHA, beta=MACENKO_BETA, stains=False
+                )
+                return out
+            step = math.ceil(math.sqrt(height * width / MACENKO_ONE_PIECE_PIXELS))
+            sample = np.ascontiguousarray(rgb[::step, ::step])
+            if stained_pixels(sample) < MIN_STAINED_PIXELS:
+                return None
+            normalizer.fit(sample, Io=MACENKO_IO, alpha=MACENKO_ALPHA, beta=MACENKO_BETA)  # the image's own stains
+            out = np.empty_like(rgb)
+            rows = max(1, MACENKO_ONE_PIECE_PIXELS // 4 // width)
+            for top in range(0, height, rows):
+                out[top : top + rows] = _to_reference(rgb[top : top + rows], normalizer.HERef, normalizer.maxCRef)
+            return out
     except (ArithmeticError, ValueError, IndexError):  # FloatingPointError; LinAlgError is a ValueError
         return None
-    return out
+
+
+def _to_reference(rgb: np.ndarray, stains: np.ndarray, max_c: np.ndarray) -> np.ndarray:
+    """Pixels of stain matrix ``stains`` and 99th-percentile concentrations ``max_c`` redrawn in the reference's.
+
+    torchstain's ``normalize`` after its estimate, applied to a band of rows; torchstain has no call that takes a
+    given estimate.
+    """
+    density = -np.log((rgb.reshape(-1, 3).astype(np.float64) + 1) / MACENKO_IO)
+    concentrations = np.linalg.lstsq(stains, density.T, rcond=None)[0]
+    concentrations /= (max_c / np.array(MACENKO_MAX_C_REF))[:, None]
+    redrawn = np.minimum(MACENKO_IO * np.exp(-np.array(MACENKO_HE_REF) @ concentrations), 255)
+    return redrawn.T.reshape(rgb.shape).astype(np.uint8)
 
 
 def normalize_stain(image: Image.Image, method: str = "none", name: str | None = None) -> Image.Image:
