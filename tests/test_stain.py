@@ -200,3 +200,20 @@ def test_read_ahead_threads_normalise_as_one_thread_does():
         np.testing.assert_allclose(a.probs, b.probs, atol=1e-6)
         assert np.array_equal(a.boxes, c.boxes)
     assert any(not np.allclose(a.patch_probs, c.patch_probs, atol=1e-4) for a, c in zip(one, raw))
+
+
+def test_inspect_draws_its_contact_sheet_on_the_normalised_images(tmp_path, monkeypatch):
+    from hf_histo.data import inspect as inspect_module
+
+    root = _table(tmp_path / "data")
+    drawn, thumbnail = [], inspect_module._thumbnail
+    monkeypatch.setattr(
+        inspect_module, "_thumbnail", lambda image: drawn.append(np.asarray(image)) or thumbnail(image)
+    )
+    patching = PatchingConfig(strategy="grid", patch_size=32, min_foreground=10, stain_norm="macenko")
+    inspect_module.inspect_dataset(root, tmp_path / "out", patching, strategies=("grid",), n_contact=2)
+    originals = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((root / "images").iterdir())]
+    normalised = [np.asarray(normalize_stain(Image.fromarray(o), "macenko")) for o in originals]
+    assert len(drawn) == 2 and (tmp_path / "out" / "contact_sheet.png").is_file()
+    assert all(any(np.array_equal(d, n) for n in normalised) for d in drawn)
+    assert not any(np.array_equal(d, o) for d in drawn for o in originals)

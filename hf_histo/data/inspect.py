@@ -19,6 +19,7 @@ from .images import DataError, load_image
 from .masks import load_mask, resolve_mask
 from .patching import STRATEGIES, PatchBox, PatchingConfig
 from .sources import Sample, read_samples
+from .stain import normalize_stain
 
 __all__ = ["InspectionReport", "inspect_dataset"]
 
@@ -136,7 +137,8 @@ def inspect_dataset(
 
     Every image is decoded, its mask checked (missing, empty, wrong size) and patched with each
     strategy. Writes ``class_distribution.png``, ``patches_per_image.png``, ``contact_sheet.png``
-    (a few images with their mask outline in green and the patch boxes of each strategy) and
+    (a few images, stain-normalised as ``patching.stain_norm`` says, with their mask outline in green and the
+    patch boxes of each strategy) and
     ``inspection.json`` to ``out_dir``. A mask of the wrong size is flagged and resized here (building
     a dataset refuses it unless ``resize_masks``).
 
@@ -201,8 +203,9 @@ def inspect_dataset(
             boxes[name], fell_back = config.boxes_with_fallback(mask)
             counts[name].append(len(boxes[name]))
             fallbacks[name] += fell_back
-        if sample.image_id in contact_ids:
-            shown.append(_Inspected(sample, image.size, mask, boxes, _thumbnail(image)))
+        if sample.image_id in contact_ids:  # drawn as training sees it: after the stain normalisation
+            seen = normalize_stain(image, patching.stain_norm, str(sample.image_path))
+            shown.append(_Inspected(sample, image.size, mask, boxes, _thumbnail(seen)))
     if not good:
         raise DataError(f"{data_dir}: no readable image ({len(skipped)} skipped).")
 
@@ -231,7 +234,7 @@ def inspect_dataset(
     report.figures = [
         str(_plot_classes(report, good, out_dir / "class_distribution.png")),
         str(_plot_patch_counts(counts, out_dir / "patches_per_image.png")),
-        str(_plot_contact_sheet(shown, list(strategies), out_dir / "contact_sheet.png")),
+        str(_plot_contact_sheet(shown, list(strategies), out_dir / "contact_sheet.png", patching.stain_norm)),
     ]
     atomic_write_text(out_dir / "inspection.json", json.dumps(report.to_dict(), indent=1))
     return report
@@ -288,7 +291,7 @@ def _plot_patch_counts(counts: dict[str, list[int]], path: Path) -> Path:
     return atomic_savefig(path, fig)
 
 
-def _plot_contact_sheet(shown: list[_Inspected], strategies: list[str], path: Path) -> Path:
+def _plot_contact_sheet(shown: list[_Inspected], strategies: list[str], path: Path, stain_norm: str) -> Path:
     from matplotlib.collections import PatchCollection
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
@@ -318,5 +321,6 @@ def _plot_contact_sheet(shown: list[_Inspected], strategies: list[str], path: Pa
             ax.set_yticks([])
             label = item.sample.label or "no label"
             ax.set_title(f"{item.sample.image_id} ({label})\n{name}: {len(boxes)} patches", fontsize=8)
-    fig.suptitle("Mask outline (green) and patch boxes per strategy", fontsize=10)
+    on = f", on the {stain_norm} stain-normalised images" if stain_norm != "none" else ""
+    fig.suptitle(f"Mask outline (green) and patch boxes per strategy{on}", fontsize=10)
     return atomic_savefig(path, fig)
