@@ -14,6 +14,8 @@ the recipe's `--n_folds` uses; checked against each fold's `splits.json`):
   schedule, batch 32, 12 epochs on all training-fold images, the mean of the tile probabilities per image;
 - (c) `whole`: the recipe on whole images resized to 224 px (`--strategy whole`), `--whole_epochs` epochs (60 took
   about the CPU time of (a) on GlaS; the wall times are printed to check).
+(a), (b) and (c) are scored alike, by `hf_histo.inference.metrics.classification_metrics` on each held-out image's
+probabilities (macro-F1 over the classes present in the fold or predicted, as scikit-learn averages by default).
 It prints per-fold image macro-F1 and balanced accuracy, mean ± std over folds and seeds, the paired difference
 (a) - (b) with a 95% t-interval over folds, the std over seeds of fold 0, and the wall time of one training of each.
 
@@ -38,11 +40,11 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 from bench_mil import TASKS, interval, run_cv  # noqa: E402
 from PIL import Image  # noqa: E402
-from sklearn.metrics import balanced_accuracy_score, f1_score  # noqa: E402
 from torch import nn  # noqa: E402
 
 from hf_histo.data.sources import Sample, read_samples  # noqa: E402
 from hf_histo.data.splits import split_samples  # noqa: E402
+from hf_histo.inference.metrics import classification_metrics  # noqa: E402
 
 METHODS = ("recipe", "peer", "whole")
 TILE, STRIDE, MIN_MASK = 224, 112, 200
@@ -116,15 +118,7 @@ def train_peer(train: list[Sample], test: list[Sample], labels: list[str], seed:
     model.eval()
     with torch.no_grad():
         probs = [model(_batch(peer_tiles(s))).softmax(-1).mean(0).tolist() for s in test]
-    y_true = [labels.index(s.label) for s in test]
-    y_pred = np.argmax(probs, axis=1)
-    return {
-        "image_ids": [s.image_id for s in test],
-        "probs": probs,
-        "macro_f1": float(f1_score(y_true, y_pred, average="macro", labels=range(len(labels)), zero_division=0)),
-        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
-        "train_seconds": seconds,
-    }
+    return {"image_ids": [s.image_id for s in test], "probs": probs, "train_seconds": seconds}
 
 
 # ---- the runs ------------------------------------------------------------------------------------------------------
@@ -161,7 +155,11 @@ def peer_folds(out: Path, labels: list[str], folds: list, seed: int, epochs: int
             tmp.write_text(json.dumps(result))
             tmp.replace(path)
         result = json.loads(path.read_text())
-        rows.append({**{k: result[k] for k in ("macro_f1", "balanced_accuracy")}, "seconds": result["train_seconds"]})
+        if result["image_ids"] != [s.image_id for s in held_out]:
+            raise RuntimeError(f"{path} scored other images than fold {k}: not the same folds")
+        # Scored like the recipe's figures (macro-F1 over the classes present or predicted), not by the peer itself.
+        scores = classification_metrics([labels.index(s.label) for s in held_out], np.array(result["probs"]), labels)
+        rows.append({**{k: scores[k] for k in ("macro_f1", "balanced_accuracy")}, "seconds": result["train_seconds"]})
     return rows
 
 
