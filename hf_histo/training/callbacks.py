@@ -202,10 +202,10 @@ class WeightEmaCallback(TrainerCallback):
 
     The average is updated after every optimizer step, with timm's warm-up (the decay grows as
     ``1 - (1 + step) ** -2/3`` up to ``decay``, so that a short run does not average its first, random weights).
-    `HistoTrainer.evaluate` scores the averaged weights during training (`averaged`), so checkpoint selection
-    and early stopping judge the weights that are kept. Each checkpoint stores the average next to the training
-    weights (``ema.pt``): a resumed run continues it, and at the end of training the model takes the average of
-    the best checkpoint (``--load_best_model_at_end``) or the current one.
+    `HistoTrainer.evaluation_loop` scores the averaged weights during training (`averaged`), so checkpoint
+    selection and early stopping judge the weights that are kept. Each checkpoint stores the average next to the
+    training weights (``ema.pt``): a resumed run continues it, and at the end of training the model takes the
+    average of the best checkpoint (``--load_best_model_at_end``) or the current one.
 
     Args:
         decay: The largest decay, in ``(0, 1)``.
@@ -226,8 +226,9 @@ class WeightEmaCallback(TrainerCallback):
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / self.FILE
             if not path.is_file():
                 raise FileNotFoundError(
-                    f"{path} is missing: the checkpoint was saved without --ema_decay, so its average cannot "
-                    "continue; resume without --ema_decay or train again"
+                    f"{path} is missing: the checkpoint was saved without --ema_decay (or the run was killed "
+                    "before its average was written), so the average cannot continue; resume from an earlier "
+                    "checkpoint, or without --ema_decay, or train again"
                 )
             self.ema.module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 

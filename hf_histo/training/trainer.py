@@ -150,9 +150,9 @@ class HistoTrainer(Trainer):
     `losses.build_loss` module, CutMix/MixUp soft targets), the training step (gated gradients of blocks not yet
     unfrozen), evaluation (streaming image-level metrics, optional TTA) and the sampler (class-balanced option).
     With `HistoTrainingArguments` it adds `ProgressiveUnfreezeCallback` (`--unfreeze_every_epochs`),
-    `WeightEmaCallback` (`--ema_decay`) and `EarlyStoppingCallback` (`--early_stopping_patience`) by itself. Training data with fewer than two classes is
-    refused; of evaluations tied on `metric_for_best_model` the best checkpoint is the one of lower `eval_loss`
-    (`BestCheckpointReport` logs which one was kept).
+    `WeightEmaCallback` (`--ema_decay`) and `EarlyStoppingCallback` (`--early_stopping_patience`) by itself.
+    Training data with fewer than two classes is refused; of evaluations tied on `metric_for_best_model` the best
+    checkpoint is the one of lower `eval_loss` (`BestCheckpointReport` logs which one was kept).
 
     Args:
         *args: `Trainer` arguments.
