@@ -415,3 +415,51 @@ def test_resume_continues_the_average(tiny, tmp_path, ema_decay):
         plain.train()
         with pytest.raises(FileNotFoundError, match="saved without --ema_decay"):
             _trainer(tiny, tmp_path / "plain", **kw).train(resume_from_checkpoint=str(tmp_path / "plain/checkpoint-3"))
+
+
+# ---- precise BatchNorm -----------------------------------------------------------------------------------------
+class _BatchNormInputs:
+    """Per-channel means and unbiased variances of the batches a BatchNorm layer sees while the hook is on."""
+
+    def __init__(self, layer: torch.nn.Module):
+        self.means, self.variances, self.samples = [], [], 0
+        self.handle = layer.register_forward_pre_hook(self)
+
+    def __call__(self, module, args):
+        x = args[0].detach()
+        self.means.append(x.mean(dim=(0, 2, 3)))
+        self.variances.append(x.var(dim=(0, 2, 3), unbiased=True))
+        self.samples += x.shape[0]
+
+
+def test_precise_bn_gives_the_final_weights_the_average_statistics_of_one_pass(tiny, tmp_path):
+    no_jitter = {"color_jitter": 0.0, "hed_jitter": 0.0}
+    kw = dict(family="resnet", data_kw=no_jitter, eval_strategy="no", save_strategy="no", num_train_epochs=2)
+    plain = _trainer(tiny, tmp_path / "plain", **kw)
+    plain.train()
+    trainer = _trainer(tiny, tmp_path / "precise", precise_bn=True, **kw)
+    layers = [m for m in trainer.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    seen = [_BatchNormInputs(m) for m in layers]
+    trainer.train()  # trains exactly as `plain`, then one pass to recompute the statistics
+    for layer, inputs in zip(layers, seen):
+        inputs.handle.remove()
+        assert inputs.samples == (kw["num_train_epochs"] + 1) * len(trainer.train_dataset)  # the pass sees each once
+        n = len(inputs.means) - trainer.state.global_step  # its batches come after the training steps' ones
+        torch.testing.assert_close(layer.running_mean, torch.stack(inputs.means[-n:]).mean(0))
+        torch.testing.assert_close(layer.running_var, torch.stack(inputs.variances[-n:]).mean(0))
+    plain_layers = [m for m in plain.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for a, b in zip(layers, plain_layers):
+        torch.testing.assert_close(a.weight, b.weight)  # the same training: only the statistics differ
+    assert not all(torch.allclose(a.running_mean, b.running_mean) for a, b in zip(layers, plain_layers))
+
+
+def test_precise_bn_keeps_gated_blocks_and_leaves_models_without_batchnorm(tiny, tmp_path):
+    off = dict(num_train_epochs=1, eval_strategy="no", save_strategy="no")
+    gated = _trainer(tiny, tmp_path / "gated", family="resnet", unfreeze_every_epochs=5, **off)
+    gated.train()
+    before = {k: v.clone() for k, v in gated.model.state_dict().items() if "running" in k}
+    assert before and gated.recompute_batchnorm_statistics() == 0  # the whole backbone is still gated
+    assert all(torch.equal(v, gated.model.state_dict()[k]) for k, v in before.items())
+    vit = _trainer(tiny, tmp_path / "vit", precise_bn=True, **off)
+    vit.train()
+    assert vit.recompute_batchnorm_statistics() == 0

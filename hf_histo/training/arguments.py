@@ -251,6 +251,7 @@ class HistoTrainingArguments(TrainingArguments):
     )
     tta: str = field(default="none", metadata={"help": "Test-time augmentation at evaluation: none, flips, d4."})
     ema_decay: float = field(default=0.0, metadata={"help": "Decay of a weight EMA the model ends with (0: off)."})
+    precise_bn: bool = field(default=False, metadata={"help": "Recompute BatchNorm statistics after training."})
     n_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples for the image macro-F1 95% CI."})
     calibrate: bool = field(
         default=True,

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import update_bn
 from transformers import EarlyStoppingCallback, PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_utils import SaveStrategy
 
@@ -294,6 +295,52 @@ class HistoTrainer(Trainer):
                 raise ValueError("--balanced_sampler needs a `label` column in the train dataset")
             return BalancedSampler(labels, seed=self.args.seed)
         return super()._get_train_sampler(train_dataset)
+
+    # ---- precise BatchNorm ---------------------------------------------------------------------------------
+    def train(self, *args, **kwargs):
+        """`Trainer.train`; then, with ``--precise_bn``, BatchNorm statistics recomputed for the final weights."""
+        output = super().train(*args, **kwargs)
+        if getattr(self.args, "precise_bn", False):
+            self.recompute_batchnorm_statistics()
+        return output
+
+    def recompute_batchnorm_statistics(self) -> int:
+        """Replace BatchNorm running statistics by their plain average over one pass of the training data.
+
+        Training leaves a momentum-0.1 average of the last few dozen batches, which moves with the images they held
+        even at a learning rate near 0, and the predictions with it ("precise BN", Wu & Johnson 2021). One pass with
+        training augmentation and no gradients (torch's `update_bn`); blocks still gated by progressive unfreezing
+        keep theirs; under DDP the processes' averages are averaged.
+
+        Returns:
+            The number of BatchNorm layers updated (0 when the model has none, e.g. a ViT).
+        """
+        model = self.accelerator.unwrap_model(self.model)
+        layers = [
+            m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+        ]
+        gated = {id(p) for p in gated_parameters(self.optimizer)} if self.optimizer is not None else set()
+        kept = {m: {k: v.clone() for k, v in m.named_buffers()} for m in layers if id(m.weight) in gated}
+        if len(kept) == len(layers):
+            return 0
+        key = getattr(model, "main_input_name", "pixel_values")
+
+        def inputs() -> Iterator[torch.Tensor]:
+            for batch in self.get_train_dataloader():
+                yield self._augment(self._prepare_inputs(batch), jitter=True)[key]
+
+        with torch.no_grad():
+            update_bn(inputs(), model)
+            for module, buffers in kept.items():
+                for name, value in buffers.items():
+                    getattr(module, name).copy_(value)
+            if self.accelerator.num_processes > 1:
+                for module in layers:
+                    module.running_mean.copy_(self.accelerator.reduce(module.running_mean, "mean"))
+                    module.running_var.copy_(self.accelerator.reduce(module.running_var, "mean"))
+        n = len(layers) - len(kept)
+        logger.info("precise BN: running statistics of %d BatchNorm layers recomputed over the training data", n)
+        return n
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
     def _determine_best_metric(self, metrics: dict[str, float], trial: Any) -> bool:
