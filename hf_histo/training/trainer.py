@@ -277,15 +277,15 @@ class HistoTrainer(Trainer):
 
     def _keep_gated_batchnorm_frozen(self, model: nn.Module) -> None:
         # Gated blocks keep their BatchNorm running statistics, as requires_grad=False freezing would.
-        if self.optimizer is None:
-            return
-        gated = {id(p) for p in gated_parameters(self.optimizer)}
+        for module in self._gated_batchnorms(model):
+            module.eval()
+
+    def _gated_batchnorms(self, model: nn.Module) -> list[nn.Module]:
+        """BatchNorm layers of the blocks that progressive unfreezing still gates (cheap when none is gated)."""
+        gated = {id(p) for p in gated_parameters(self.optimizer)} if self.optimizer is not None else set()
         if not gated:
-            return
-        for module in model.modules():
-            weight = getattr(module, "weight", None)
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and weight is not None and id(weight) in gated:
-                module.eval()
+            return []
+        return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m.weight) in gated]
 
     def _get_train_sampler(self, train_dataset=None):
         if getattr(self.args, "balanced_sampler", False):
@@ -319,8 +319,7 @@ class HistoTrainer(Trainer):
         layers = [
             m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
         ]
-        gated = {id(p) for p in gated_parameters(self.optimizer)} if self.optimizer is not None else set()
-        kept = {m: {k: v.clone() for k, v in m.named_buffers()} for m in layers if id(m.weight) in gated}
+        kept = {m: {k: v.clone() for k, v in m.named_buffers()} for m in self._gated_batchnorms(model) if m in layers}
         if len(kept) == len(layers):
             return 0
         key = getattr(model, "main_input_name", "pixel_values")
